@@ -1,0 +1,32 @@
+# `make test` and `make demo` set up .venv from nothing (idempotent; fast once it exists).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch and torchvision are pinned to the pair that installs on a fresh machine here
+# (a CUDA 13 build that also runs on CPU); DALI for CUDA 13 matches it.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml kernels/label_pooling_cpu.cpp
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=23" "setuptools>=64" wheel ninja
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) benchmarks/kernel_bench.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/kernel_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info kernels/*.so
