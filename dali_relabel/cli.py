@@ -5,6 +5,7 @@ Usage: dali-relabel COMMAND ...; `dali-relabel COMMAND --help` shows an example 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -62,6 +63,32 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from dali_relabel.loader import find_images
+    from dali_relabel.verify import verify_images, write_bad_list
+
+    if args.labelmaps:
+        try:
+            with LabelMapStore.open(args.labelmaps, placement="memory") as store:
+                paths = store.paths
+        except LabelMapError as e:
+            print(f"error: {e}")
+            return 1
+        source = args.labelmaps
+    else:
+        paths, _ = find_images(args.image_root)
+        source = f"the image files under {args.image_root}"
+    bad = verify_images(args.image_root, paths, batch_size=args.batch_size,
+                        num_threads=args.num_threads,
+                        adjust_orientation=args.adjust_orientation)
+    write_bad_list(args.out, bad)
+    for path, reason in bad:
+        print(f"bad: {path}: {reason}")
+    print(f"verified {len(paths)} images listed by {source}: {len(bad)} bad, listed in "
+          f"{args.out}" + (f" (train with exclude={args.out!r})" if bad else ""))
+    return 1 if bad else 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dali-relabel",
@@ -81,6 +108,30 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("--full", action="store_true",
                       help="also scan every row for NaN/inf values and out-of-range classes")
     info.set_defaults(run=_info)
+
+    verify = commands.add_parser(
+        "verify",
+        help="decode every image and list the ones that fail",
+        description="Decode every image with the loaders' decoder (DALI, CPU, in parallel) "
+                    "and write the ones that fail (truncated, corrupt, empty) to a list that "
+                    "the loaders take as exclude=.\nExit status 0 if all decode, 1 if not.",
+        epilog="example:\n  dali-relabel verify /data/imagenet/train --labelmaps relabel.h5 "
+               "--out bad_train.txt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument("image_root", help="folder the images (the store's /paths) are under")
+    verify.add_argument("--labelmaps", help="check the images this label-map file lists "
+                                            "(default: every image file under IMAGE_ROOT)")
+    verify.add_argument("--out", default="bad_images.txt",
+                        help="where to write the list of bad images (default: bad_images.txt)")
+    verify.add_argument("--batch-size", type=int, default=64,
+                        help="images per decoding batch (default: 64)")
+    verify.add_argument("--num-threads", type=int, default=os.cpu_count() or 1,
+                        help="decoding threads (default: all CPUs)")
+    verify.add_argument("--adjust-orientation", action="store_true",
+                        help="decode with EXIF orientation applied, as a loader with "
+                             "adjust_orientation=True does")
+    verify.set_defaults(run=_verify)
     return parser
 
 

@@ -1,0 +1,339 @@
+"""ReLabelLoader and ValLoader on real JPEGs through real CPU DALI pipelines."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.testing import assert_close
+
+import dali_relabel
+from conftest import make_label_maps
+from dali_relabel import LabelMapStore, reference_label_pooling
+from dali_relabel.loader import LABEL_MODES, ReLabelLoader, ValLoader
+
+NUM_IMAGES = 30
+NUM_CLASSES = 10
+RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # images come out as 0-255 pixels
+
+
+def textured_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Blocky colour noise smoothed by bicubic upsampling: any shift of a crop shows."""
+    blocks = (rng.random((max(2, height // 12), max(2, width // 12), 3)) * 255).astype(np.uint8)
+    return Image.fromarray(blocks).resize((width, height), Image.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """An ImageFolder of JPEGs of varied sizes and a label-map store listing them."""
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for i in range(NUM_IMAGES):
+        label = i % 3
+        width, height = (int(v) for v in rng.integers(90, 420, size=2))
+        relative = f"n0000000{label}/img_{i:03d}.JPEG"
+        os.makedirs(root / f"n0000000{label}", exist_ok=True)
+        textured_image(rng, width, height).save(root / relative, quality=95)
+        paths.append(relative)
+        labels.append(label)
+    values, indices = make_label_maps(NUM_IMAGES, 5, NUM_CLASSES, seed=1)
+    store_path = root.parent / "train_maps.h5"
+    dali_relabel.write_labelmaps(store_path, values, indices, np.array(labels), paths,
+                                 [f"n0000000{c}" for c in range(NUM_CLASSES)])
+    return str(root), str(store_path)
+
+
+def collect(loader, epochs=1):
+    """Every batch of `epochs` epochs as ReLabelBatch objects."""
+    return [batch for _ in range(epochs) for batch in loader]
+
+
+def cat(batches, field):
+    return torch.cat([getattr(batch, field) for batch in batches])
+
+
+def pil_crop(path: str, box, size: int, flip: bool, orient: bool = False) -> np.ndarray:
+    """torchvision's way: PIL crop at the pixel box, bilinear resize, optional mirror."""
+    image = Image.open(path)
+    if orient:
+        from PIL import ImageOps
+        image = ImageOps.exif_transpose(image)
+    image = image.convert("RGB")
+    width, height = image.size
+    left, top, right, bottom = (np.asarray(box) * [width, height, width, height]).round()
+    crop = image.crop((int(left), int(top), int(right), int(bottom)))
+    crop = crop.resize((size, size), Image.BILINEAR)
+    if flip:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(crop, dtype=np.float32)
+
+
+def loader_pixels(batch, k: int) -> np.ndarray:
+    return batch.images[k].permute(1, 2, 0).numpy()
+
+
+def test_crops_are_honest(dataset):
+    root, store_path = dataset
+    loader = ReLabelLoader(root, store_path, 8, device="cpu", image_size=48, return_meta=True,
+                           num_threads=2, **RAW)
+    store = loader.store
+    honest, transposed = [], []
+    for batch in collect(loader, epochs=2):
+        for k in range(len(batch.sample_index)):
+            path = os.path.join(root, store.paths[batch.sample_index[k]])
+            box, flip = batch.boxes[k].numpy(), bool(batch.flip[k])
+            width, height = Image.open(path).size
+            # The box is the decoded window: integral in pixels.
+            np.testing.assert_allclose(box * [width, height, width, height],
+                                       np.round(box * [width, height, width, height]),
+                                       atol=2e-3)
+            got = loader_pixels(batch, k)
+            honest.append(np.abs(pil_crop(path, box, 48, flip) - got).mean())
+            swapped = np.clip(box[[1, 0, 3, 2]], 0, 1)
+            transposed.append(np.abs(pil_crop(path, swapped, 48, flip) - got).mean())
+    honest, transposed = np.array(honest), np.array(transposed)
+    assert len(honest) == 2 * 24
+    assert honest.max() < 2.5, honest
+    # A transposed box (the official code's bug) would fail the same threshold.
+    assert np.mean(transposed > 2.5) > 0.9 and np.median(transposed) > 10 * np.median(honest)
+
+
+@pytest.mark.parametrize("label_mode", LABEL_MODES)
+@pytest.mark.parametrize("output_size", [1, 3], ids=["S1", "S3-tokens-flip-aware"])
+def test_targets_follow_boxes(dataset, label_mode, output_size):
+    root, store_path = dataset
+    loader = ReLabelLoader(root, store_path, 10, device="cpu", image_size=32,
+                           label_mode=label_mode, output_size=output_size, return_meta=True,
+                           num_threads=2)
+    store = LabelMapStore.open(store_path, placement="memory")
+    for batch in collect(loader):
+        if label_mode == "original":
+            want = torch.nn.functional.one_hot(store.labels[batch.sample_index], NUM_CLASSES)
+            want = want.float()
+            if output_size > 1:
+                want = want[:, None].expand(-1, output_size ** 2, -1)
+        else:
+            boxes = batch.boxes
+            if label_mode.startswith("global"):
+                boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(boxes), 4)
+            want = reference_label_pooling(
+                store.values, store.indices, boxes, num_classes=NUM_CLASSES,
+                output_size=output_size, flip=batch.flip, sample_index=batch.sample_index,
+                mode="softmax" if label_mode.endswith("multi") else "argmax")
+        assert_close(batch.targets, want, atol=1e-5, rtol=0)
+        assert batch.labels.tolist() == store.labels[batch.sample_index].tolist()
+
+
+def test_shards_cover_an_epoch_exactly_once(dataset):
+    root, store_path = dataset
+    rows = []
+    for shard_id in range(2):
+        loader = ReLabelLoader(root, store_path, 4, device="cpu", image_size=16,
+                               shard_id=shard_id, num_shards=2, drop_last=False,
+                               return_meta=True, num_threads=1)
+        batches = collect(loader)
+        assert len(batches) == len(loader) == 4  # 15 samples: 3 full batches and 3 left
+        assert [len(b.sample_index) for b in batches] == [4, 4, 4, 3]
+        rows.append(cat(batches, "sample_index"))
+    assert sorted(torch.cat(rows).tolist()) == list(range(NUM_IMAGES))
+
+
+def test_drop_last_gives_every_rank_the_same_full_batches(dataset):
+    root, store_path = dataset
+    seen = []
+    for shard_id in range(2):
+        loader = ReLabelLoader(root, store_path, 4, device="cpu", image_size=16,
+                               shard_id=shard_id, num_shards=2, return_meta=True, num_threads=1)
+        batches = collect(loader)
+        assert len(batches) == len(loader) == 3
+        assert all(len(b.sample_index) == 4 for b in batches)
+        seen.append(set(cat(batches, "sample_index").tolist()))
+    assert not seen[0] & seen[1]
+
+
+def test_global_shuffle_changes_every_epoch_and_is_shared_by_ranks(dataset):
+    root, store_path = dataset
+    loaders = [ReLabelLoader(root, store_path, 5, device="cpu", image_size=16, shard_id=r,
+                             num_shards=2, seed=3) for r in range(2)]
+    orders = [[np.concatenate([l.epoch_order(e) for l in loaders])] for e in range(3)]
+    for order in orders:
+        assert sorted(order[0].tolist()) == list(range(NUM_IMAGES))
+    assert not np.array_equal(orders[0][0], orders[1][0])
+    # The order is the one the pipeline actually reads.
+    single = ReLabelLoader(root, store_path, 5, device="cpu", image_size=16, seed=3,
+                           return_meta=True, num_threads=1)
+    for epoch in range(2):
+        assert cat(collect(single), "sample_index").tolist() == single.epoch_order(epoch).tolist()
+
+
+def test_same_seed_same_batches_and_resume_mid_epoch(dataset):
+    root, store_path = dataset
+    kwargs = dict(device="cpu", image_size=24, seed=7, return_meta=True, num_threads=2)
+    full = collect(ReLabelLoader(root, store_path, 6, **kwargs), epochs=2)
+    again = collect(ReLabelLoader(root, store_path, 6, **kwargs), epochs=2)
+    for a, b in zip(full, again):
+        assert torch.equal(a.sample_index, b.sample_index)
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.flip, b.flip)
+        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    other = collect(ReLabelLoader(root, store_path, 6, **{**kwargs, "seed": 8}))
+    assert not torch.equal(cat(other, "sample_index"), cat(full[:5], "sample_index"))
+
+    # Preempted after 2 of the 5 batches of epoch 1: a new process resumes from state_dict.
+    first = ReLabelLoader(root, store_path, 6, **kwargs)
+    collect(first)
+    it = iter(first)
+    seen = [next(it), next(it)]
+    state = first.state_dict()
+    assert (state["epoch"], state["batches_done"]) == (1, 2)
+    resumed = ReLabelLoader(root, store_path, 6, **kwargs)
+    resumed.load_state_dict(state)
+    rest = collect(resumed)
+    assert len(rest) == 3
+    for want, got in zip(full[5:], seen + rest):
+        assert torch.equal(want.sample_index, got.sample_index)
+        assert torch.equal(want.boxes, got.boxes) and torch.equal(want.flip, got.flip)
+        assert torch.equal(want.images, got.images)
+    assert resumed.epoch == 2
+    with pytest.raises(ValueError, match="batch_size: saved 6, now 5"):
+        ReLabelLoader(root, store_path, 5, **kwargs).load_state_dict(state)
+
+
+def test_exclude_and_missing_files(dataset, tmp_path):
+    root, store_path = dataset
+    store = LabelMapStore.open(store_path, placement="memory")
+    dropped = store.paths[:4]
+    list_file = tmp_path / "bad.txt"
+    list_file.write_text("# verify output\n" + "\n".join(f"{p}  # reason" for p in dropped))
+    for exclude in (str(list_file), dropped):
+        loader = ReLabelLoader(root, store_path, 2, device="cpu", image_size=16,
+                               exclude=exclude, drop_last=False, return_meta=True,
+                               num_threads=1)
+        rows = cat(collect(loader), "sample_index").tolist()
+        assert sorted(rows) == list(range(4, NUM_IMAGES))
+
+    with pytest.raises(FileNotFoundError, match="30 of 30 images .* missing .* is image_root"):
+        ReLabelLoader(tmp_path, store_path, 2, device="cpu")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for path in store.paths[1:]:
+        os.makedirs(partial / os.path.dirname(path), exist_ok=True)
+        os.symlink(os.path.join(root, path), partial / path)
+    with pytest.raises(FileNotFoundError, match=f"1 of 30 images .*first: {store.paths[0]}"):
+        ReLabelLoader(partial, store_path, 2, device="cpu")
+    ReLabelLoader(partial, store_path, 2, device="cpu", exclude=[store.paths[0]])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    pytest.param(dict(batch_size=0), "batch_size must be an int >= 1", id="batch-size-0"),
+    pytest.param(dict(label_mode="soft"), "label_mode must be one of", id="unknown-label-mode"),
+    pytest.param(dict(num_classes=1000), "num_classes=1000 (the model's) but", id="classes"),
+    pytest.param(dict(image_size=0), "image_size must be an int >= 1", id="image-size-0"),
+    pytest.param(dict(scale=(1.0, 0.08)), "scale must be (min, max)", id="scale-reversed"),
+    pytest.param(dict(ratio=(4 / 3, 3 / 4)), "ratio must be (min, max)", id="ratio-reversed"),
+    pytest.param(dict(hflip=1.5), "hflip must be a probability", id="hflip-above-1"),
+    pytest.param(dict(shard_id=2, num_shards=2), "shard_id must lie in", id="shard-id"),
+    pytest.param(dict(batch_size=31), "leaves no full batch", id="batch-larger-than-data"),
+    pytest.param(dict(dtype=torch.int8), "dtype must be one of", id="image-dtype"),
+])
+def test_bad_arguments(dataset, kwargs, message):
+    root, store_path = dataset
+    args = {"batch_size": 4, "device": "cpu", **kwargs}
+    with pytest.raises(ValueError) as info:
+        ReLabelLoader(root, store_path, **args)
+    assert message in str(info.value)
+
+
+def test_image_formats_and_layouts(dataset):
+    root, store_path = dataset
+    images, targets = next(iter(ReLabelLoader(root, store_path, 4, device="cpu",
+                                              image_size=32, num_threads=1)))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert targets.shape == (4, NUM_CLASSES) and targets.dtype == torch.float32
+    assert_close(targets.sum(1), torch.ones(4))
+    # ImageNet normalization: roughly zero-mean, unit-scale values.
+    assert -3 < images.mean() < 3 and images.abs().max() < 3.0
+    for dtype in (torch.float16, torch.bfloat16):
+        half, _ = next(iter(ReLabelLoader(root, store_path, 4, device="cpu", image_size=32,
+                                          dtype=dtype, channels_last=True, num_threads=1)))
+        assert half.dtype == dtype and half.shape == (4, 3, 32, 32)
+        assert half.is_contiguous(memory_format=torch.channels_last)
+        assert_close(half.float(), images, atol=0.05, rtol=0.02)
+
+
+def untidy_files(folder) -> dict:
+    """The kinds of file real ImageNet holds, each made from one textured picture."""
+    picture = textured_image(np.random.default_rng(5), 200, 120)
+    os.makedirs(folder / "n01", exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    files = {
+        "cmyk": lambda p: picture.convert("CMYK").save(p, quality=95),
+        "grayscale": lambda p: picture.convert("L").save(p, quality=95),
+        "progressive": lambda p: picture.save(p, quality=95, progressive=True),
+        "png-named-jpeg": lambda p: picture.save(p, format="PNG"),
+        "exif-rotated": lambda p: picture.save(p, quality=95, exif=exif.tobytes()),
+    }
+    paths = {}
+    for kind, save in files.items():
+        save(folder / "n01" / f"{kind}.JPEG")
+        paths[kind] = f"n01/{kind}.JPEG"
+    return paths
+
+
+@pytest.mark.parametrize("adjust_orientation", [False, True],
+                         ids=["exif-ignored-like-PIL", "exif-applied"])
+def test_untidy_imagenet_files_decode_to_rgb(tmp_path, adjust_orientation):
+    root = tmp_path / "untidy"
+    paths = untidy_files(root)
+    values, indices = make_label_maps(len(paths), 5, NUM_CLASSES, seed=2)
+    store_path = tmp_path / "untidy.h5"
+    dali_relabel.write_labelmaps(store_path, values, indices, np.zeros(len(paths), np.int64),
+                                 list(paths.values()),
+                                 [f"c{c}" for c in range(NUM_CLASSES)])
+    loader = ReLabelLoader(root, store_path, len(paths), device="cpu", image_size=40,
+                           adjust_orientation=adjust_orientation, return_meta=True,
+                           num_threads=1, **RAW)
+    batch = next(iter(loader))
+    kinds = list(paths)
+    for k, row in enumerate(batch.sample_index.tolist()):
+        path = os.path.join(root, paths[kinds[row]])
+        want = pil_crop(path, batch.boxes[k].numpy(), 40, bool(batch.flip[k]),
+                        orient=adjust_orientation)
+        assert np.abs(want - loader_pixels(batch, k)).mean() < 2.5, kinds[row]
+    if adjust_orientation:  # the rotated file is portrait once its orientation is applied
+        k = batch.sample_index.tolist().index(kinds.index("exif-rotated"))
+        width, height = Image.open(os.path.join(root, paths["exif-rotated"])).size
+        box = batch.boxes[k].numpy()
+        assert (width, height) == (200, 120)
+        np.testing.assert_allclose(box * [120, 200, 120, 200],
+                                   np.round(box * [120, 200, 120, 200]), atol=2e-3)
+
+
+def test_val_loader_matches_pil_and_covers_shards(dataset):
+    root, _ = dataset
+    labels = []
+    for shard_id in range(2):
+        val = ValLoader(root, 4, device="cpu", image_size=32, resize_size=40,
+                        shard_id=shard_id, num_shards=2, num_threads=1, **RAW)
+        batches = list(val)
+        assert len(batches) == len(val) == 4
+        images = torch.cat([b[0] for b in batches])
+        shard_labels = torch.cat([b[1] for b in batches])
+        assert len(images) == 15
+        for k, i in enumerate(val.indices):
+            image = Image.open(os.path.join(root, val.paths[i])).convert("RGB")
+            width, height = image.size
+            # torchvision's Resize(40): the long side truncated; the centre crop's offset
+            # rounds half up (torchvision rounds half to even: at most a pixel apart).
+            scale = 40 / min(width, height)
+            size = (max(40, int(width * scale)), max(40, int(height * scale)))
+            resized = image.resize(size, Image.BILINEAR)
+            left, top = (size[0] - 32 + 1) // 2, (size[1] - 32 + 1) // 2
+            want = np.asarray(resized.crop((left, top, left + 32, top + 32)), np.float32)
+            got = images[k].permute(1, 2, 0).numpy()
+            assert np.abs(want - got).mean() < 2.5, val.paths[i]
+            assert shard_labels[k] == int(val.paths[i][8])
+        labels.append(shard_labels)
+        assert len(list(val)) == 4  # iterable again for the next evaluation
+    assert sorted(torch.cat(labels).tolist()) == sorted(i % 3 for i in range(NUM_IMAGES))

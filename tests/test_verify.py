@@ -1,0 +1,84 @@
+"""`dali-relabel verify` and what happens when a bad file reaches the decoder anyway."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dali_relabel
+from conftest import make_label_maps
+from dali_relabel.cli import main
+from dali_relabel.loader import ReLabelLoader, read_path_list
+from dali_relabel.verify import verify_images
+from test_loader import textured_image
+
+GOOD = 9
+
+
+@pytest.fixture
+def damaged_dataset(tmp_path):
+    """Good JPEGs plus a truncated one and a zero-byte one, all listed by a store."""
+    root = tmp_path / "train"
+    os.makedirs(root / "n01")
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(GOOD):
+        textured_image(rng, 160, 120).save(root / "n01" / f"good_{i}.JPEG", quality=90)
+        paths.append(f"n01/good_{i}.JPEG")
+    data = (root / "n01" / "good_0.JPEG").read_bytes()
+    (root / "n01" / "truncated.JPEG").write_bytes(data[: len(data) // 2])
+    (root / "n01" / "empty.JPEG").write_bytes(b"")
+    paths[3:3] = ["n01/truncated.JPEG"]
+    paths.append("n01/empty.JPEG")
+    values, indices = make_label_maps(len(paths), 5, 10, seed=4)
+    store = tmp_path / "maps.h5"
+    dali_relabel.write_labelmaps(store, values, indices, np.zeros(len(paths), np.int64), paths,
+                                 [f"c{c}" for c in range(10)])
+    return root, store
+
+
+def test_verify_names_truncated_and_empty_files(damaged_dataset, tmp_path, capsys):
+    root, store = damaged_dataset
+    bad = dict(verify_images(str(root), dali_relabel.LabelMapStore.open(store).paths,
+                             batch_size=4, num_threads=2, progress=False))
+    assert sorted(bad) == ["n01/empty.JPEG", "n01/truncated.JPEG"]
+    assert "0 bytes" in bad["n01/empty.JPEG"]
+    assert "decoding failed" in bad["n01/truncated.JPEG"]
+
+    out = tmp_path / "bad.txt"
+    assert main(["verify", str(root), "--labelmaps", str(store), "--out", str(out),
+                 "--batch-size", "4"]) == 1
+    printed = capsys.readouterr().out
+    assert "bad: n01/truncated.JPEG" in printed and "2 bad" in printed
+    assert sorted(read_path_list(out)) == ["n01/empty.JPEG", "n01/truncated.JPEG"]
+
+    # The list is what the loader takes: training then runs on the good images only.
+    loader = ReLabelLoader(root, store, 3, device="cpu", image_size=16, exclude=str(out),
+                           return_meta=True, num_threads=1)
+    rows = sorted(row for batch in loader for row in batch.sample_index.tolist())
+    assert len(rows) == GOOD and 3 not in rows and GOOD + 1 not in rows
+
+
+def test_verify_whole_tree_as_a_command(damaged_dataset, tmp_path):
+    root, _ = damaged_dataset
+    os.remove(root / "n01" / "empty.JPEG")
+    out = tmp_path / "tree_bad.txt"
+    result = subprocess.run([sys.executable, "-m", "dali_relabel.cli", "verify", str(root),
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert read_path_list(out) == ["n01/truncated.JPEG"]
+    os.remove(root / "n01" / "truncated.JPEG")
+    result = subprocess.run([sys.executable, "-m", "dali_relabel.cli", "verify", str(root),
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and read_path_list(out) == []
+    assert f"verified {GOOD} images" in result.stdout
+
+
+def test_bad_file_reaching_the_decoder_is_named(damaged_dataset):
+    root, store = damaged_dataset
+    loader = ReLabelLoader(root, store, 4, device="cpu", image_size=16, exclude=["n01/empty.JPEG"],
+                           shuffle=False, num_threads=1)
+    with pytest.raises(RuntimeError, match="truncated.JPEG(.|\n)*dali-relabel verify"):
+        for _ in loader:
+            pass
