@@ -9,6 +9,9 @@ from dali_relabel.store import LabelMapError, LabelMapStore, LabelMapWriter, wri
 
 __version__ = "0.1.0"
 
+# The loaders import DALI; load them on first use so the op and the store stay light.
+_LOADER_NAMES = ("LABEL_MODES", "ReLabelBatch", "ReLabelLoader", "ValLoader")
+
 __all__ = [
     "MODES",
     "LabelMapError",
@@ -17,4 +20,12 @@ __all__ = [
     "label_pooling",
     "reference_label_pooling",
     "write_labelmaps",
+    *_LOADER_NAMES,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LOADER_NAMES:
+        from dali_relabel import loader
+        return getattr(loader, name)
+    raise AttributeError(f"module 'dali_relabel' has no attribute {name!r}")

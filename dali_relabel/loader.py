@@ -23,8 +23,9 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from dali_relabel.ops import label_pooling
-from dali_relabel.pipeline import IMAGENET_MEAN, IMAGENET_STD, READER_NAME, train_pipeline, val_pipeline
-from dali_relabel.store import LabelMapStore
+from dali_relabel.pipeline import (IMAGENET_MEAN, IMAGENET_STD, READER_NAME, train_pipeline,
+                                   val_pipeline)
+from dali_relabel.store import LabelMapStore, read_header
 
 __all__ = ["LABEL_MODES", "IMAGE_EXTENSIONS", "ReLabelBatch", "ReLabelLoader", "ValLoader",
            "find_images", "read_path_list"]
@@ -318,7 +319,6 @@ class ReLabelLoader:
         if placement is None:
             placement = "mmap"
             if self.device.type == "cuda":
-                from dali_relabel.store import read_header
                 header = read_header(labelmaps)
                 store_bytes = sum(layout.nbytes for layout in header.layout.values())
                 total = torch.cuda.get_device_properties(self.device).total_memory

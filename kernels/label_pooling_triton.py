@@ -158,8 +158,8 @@ def label_pooling_triton(
     indices = indices.contiguous()
     boxes = boxes.to(torch.float32).contiguous()
     # Unused pointer arguments still need a tensor; `boxes` stands in for them.
-    sample_index_arg = sample_index.to(torch.int64).contiguous() if sample_index is not None else boxes
-    flip_arg = flip.to(torch.int8).contiguous() if flip is not None else boxes
+    sample_index_arg = boxes if sample_index is None else sample_index.to(torch.int64).contiguous()
+    flip_arg = boxes if flip is None else flip.to(torch.int8).contiguous()
     grid = (num_boxes * output_size * output_size,)
     _label_pooling_kernel[grid](
         values, indices, boxes, sample_index_arg, flip_arg, out,
