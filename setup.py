@@ -20,7 +20,9 @@ setup(
         CppExtension(
             "dali_relabel.kernels._label_pooling_cpu",
             ["kernels/label_pooling_cpu.cpp"],
-            extra_compile_args=["-O3", "-fopenmp"],
+            # No contraction into fused multiply-add (the default on aarch64): the box
+            # arithmetic must round as torchvision's roi_align kernel does.
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],
         )
     ],

@@ -68,8 +68,9 @@ def _verify(args: argparse.Namespace) -> int:
     from dali_relabel.verify import verify_images, write_bad_list
 
     if args.labelmaps:
-        try:
-            with LabelMapStore.open(args.labelmaps, placement="memory") as store:
+        try:  # memory-mapped: only /paths is read
+            placement = "mmap" if read_header(args.labelmaps).mmappable else "memory"
+            with LabelMapStore.open(args.labelmaps, placement=placement) as store:
                 paths = store.paths
         except LabelMapError as e:
             print(f"error: {e}")
@@ -79,7 +80,7 @@ def _verify(args: argparse.Namespace) -> int:
         paths, _ = find_images(args.image_root)
         source = f"the image files under {args.image_root}"
     bad = verify_images(args.image_root, paths, batch_size=args.batch_size,
-                        num_threads=args.num_threads,
+                        num_threads=args.num_threads, decoder_device=args.device,
                         adjust_orientation=args.adjust_orientation)
     write_bad_list(args.out, bad)
     for path, reason in bad:
@@ -128,6 +129,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="images per decoding batch (default: 64)")
     verify.add_argument("--num-threads", type=int, default=os.cpu_count() or 1,
                         help="decoding threads (default: all CPUs)")
+    verify.add_argument("--device", choices=("cpu", "mixed"),
+                        default="mixed" if torch.cuda.is_available() else "cpu",
+                        help="decoder: 'mixed' (GPU) is what GPU training uses (default: mixed "
+                             "when a GPU is present, else cpu)")
     verify.add_argument("--adjust-orientation", action="store_true",
                         help="decode with EXIF orientation applied, as a loader with "
                              "adjust_orientation=True does")

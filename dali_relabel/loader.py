@@ -12,6 +12,7 @@ inside an epoch with the same remaining samples, crops and flips (DALI checkpoin
 import dataclasses
 import logging
 import os
+import warnings
 from collections import defaultdict
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -178,7 +179,9 @@ class ReLabelLoader:
 
     Iterating yields ``(images, targets)`` on ``device`` (or a :class:`ReLabelBatch` with
     ``return_meta=True``); ``len(loader)`` is the number of batches per epoch of this rank.
-    Each ``iter()`` runs the next epoch; ``set_epoch`` chooses one. Example::
+    Each ``iter()`` runs the next epoch (an epoch left early counts as done), except after
+    ``load_state_dict``, when it finishes the saved epoch; ``set_epoch`` chooses one.
+    Example::
 
         loader = ReLabelLoader("train/", "relabel.h5", 256, device="cuda")
         for epoch in range(epochs):
@@ -202,8 +205,9 @@ class ReLabelLoader:
         output_size: S; S > 1 gives token-level targets [B, S*S, C], mirrored with the image
             (default: 1).
         num_classes: The model's number of classes; checked against the store when given.
-        seed: Base seed: shuffling uses (seed, epoch), augmentation (seed, rank, epoch)
-            (default: 0).
+        seed: Base seed. The shuffle of an epoch is seeded by (seed, epoch), the same on
+            every rank; crops and flips by (seed, rank, epoch), so ranks and epochs differ
+            and the same seed gives the same batches again (default: 0).
         shuffle: Globally reshuffle every epoch (default: True).
         shard_id: This rank's shard (default: torch.distributed's global rank, else 0).
         num_shards: Number of shards (default: torch.distributed's world size, else 1).
@@ -222,6 +226,9 @@ class ReLabelLoader:
             leave out.
         labelmaps_placement: Store placement; default: "device" on CUDA when the store
             takes at most 20% of the GPU's memory (fused gather), else "mmap".
+        fused_gather: Pool straight from the whole store by row (default: when the store
+            is on `device`); otherwise the batch's rows are gathered on the host into pinned
+            memory and copied.
         return_meta: Yield ReLabelBatch objects (default: False).
     """
 
@@ -253,6 +260,7 @@ class ReLabelLoader:
         adjust_orientation: bool = False,
         exclude: Union[None, str, os.PathLike, Sequence[str]] = None,
         labelmaps_placement: Optional[str] = None,
+        fused_gather: Optional[bool] = None,
         return_meta: bool = False,
     ) -> None:
         _check_size("batch_size", batch_size)
@@ -279,11 +287,16 @@ class ReLabelLoader:
         excluded = set(read_path_list(exclude))
         keep = np.array([path not in excluded for path in self.store.paths], dtype=bool)
         self._rows = np.flatnonzero(keep).astype(np.int64)
-        self._paths = [path for path, kept in zip(self.store.paths, keep) if kept]
         if excluded:
+            unmatched = len(excluded) - (len(self.store) - len(self._rows))
             logger.info("excluding %d of %d images", len(self.store) - len(self._rows),
                         len(self.store))
-        _check_files_exist(self.image_root, self._paths, self.store.path)
+            if unmatched:
+                warnings.warn(f"{unmatched} of the {len(excluded)} excluded paths are not "
+                              f"listed in {self.store.path}; they were ignored")
+        _check_files_exist(self.image_root, [self.store.paths[row] for row in self._rows],
+                           self.store.path)
+        self._check_class_range()
 
         self.batch_size = batch_size
         self.image_size = image_size
@@ -304,8 +317,17 @@ class ReLabelLoader:
             raise ValueError(
                 f"batch_size={batch_size} leaves no {'full ' if drop_last else ''}batch: "
                 f"{len(self._rows)} images over {self.num_shards} shards")
+        if not drop_last and self.num_shards > 1:
+            warnings.warn("drop_last=False: ranks may yield different numbers of batches, "
+                          "which stalls DDP's gradient all-reduce; use it for evaluation-like "
+                          "passes, drop_last=True for training")
 
-        self._fused = self.store.values.device == self.device
+        if fused_gather is None:
+            fused_gather = self.store.values.device == self.device
+        elif fused_gather and self.store.values.device != self.device:
+            raise ValueError(f"fused_gather=True needs the store on {self.device}; it is on "
+                             f"{self.store.values.device} (labelmaps_placement='device')")
+        self._fused = fused_gather
         self._labels = self.store.labels.to(self.device)
         self._whole_image = torch.tensor([0.0, 0.0, 1.0, 1.0], device=self.device)
         self._epoch = 0
@@ -327,6 +349,24 @@ class ReLabelLoader:
         device = self.device if placement == "device" else None
         return LabelMapStore.open(labelmaps, placement=placement, device=device)
 
+    def _check_class_range(self) -> None:
+        """The kernels run with check_inputs=False, so check the store's classes once.
+
+        Opening a store checks its metadata; this reads /indices once (memory-mapped: a few
+        seconds for ImageNet, from the page cache every rank of the node shares).
+        """
+        indices = self.store.indices.view(-1)
+        chunk = 1 << 26
+        low, high = 0, 0
+        for start in range(0, indices.numel(), chunk):
+            part_low, part_high = torch.aminmax(indices[start:start + chunk])
+            low, high = min(low, int(part_low)), max(high, int(part_high))
+        if low < 0 or high >= self.store.num_classes:
+            raise ValueError(
+                f"{self.store.path}: dataset '/indices' holds class ids in [{low}, {high}], "
+                f"expected [0, {self.store.num_classes}); run `dali-relabel info "
+                f"{self.store.path} --full` to find the rows")
+
     @property
     def num_classes(self) -> int:
         return self.store.num_classes
@@ -337,9 +377,15 @@ class ReLabelLoader:
         return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Run `epoch` next (from its start), as DistributedSampler.set_epoch does."""
+        """Run `epoch` next, as DistributedSampler.set_epoch does.
+
+        Setting the epoch a resumed loader is in keeps its position (so the usual
+        ``load_state_dict`` then ``set_epoch`` loop neither repeats nor skips samples).
+        """
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch == self._epoch and self._pending_checkpoint is not None:
+            return
         self._epoch, self._batches_done = epoch, 0
         self._iterator, self._pending_checkpoint = None, None
 
@@ -388,6 +434,10 @@ class ReLabelLoader:
                                    auto_reset=False)
 
     def __iter__(self) -> Iterator[Union[Tuple[torch.Tensor, torch.Tensor], ReLabelBatch]]:
+        if self._iterator is not None:  # the previous iteration stopped early: next epoch
+            self._iterator = None
+            self._epoch += 1
+            self._batches_done = 0
         while True:
             outputs = self._next_outputs()
             if outputs is None:
@@ -408,11 +458,14 @@ class ReLabelLoader:
         except StopIteration:
             return None
         except RuntimeError as error:
+            # The epoch cannot go on; a later iter() or state_dict() restarts it.
             self._iterator = None
+            self._batches_done = 0
             raise RuntimeError(
-                f"{error}\nAn image failed to decode (DALI names it above). Find every such "
-                f"file with `dali-relabel verify {self.image_root} --labelmaps "
-                f"{self.store.path}` and pass the list as exclude=.") from error
+                f"{error}\nThe DALI pipeline failed. If an image failed to decode (DALI names "
+                f"it above), find every such file with `dali-relabel verify "
+                f"{self.image_root} --labelmaps {self.store.path}` and pass the list as "
+                "exclude=.") from error
 
     def _batch(self, out: Dict[str, torch.Tensor]):
         rows = out["rows"].view(-1).to(torch.int64)
@@ -450,25 +503,34 @@ class ReLabelLoader:
             if self.output_size == 1:
                 return one_hot
             return one_hot[:, None, :].expand(-1, self.output_size ** 2, -1).contiguous()
+        output_size = self.output_size
         if self.label_mode.startswith("global"):
+            # No localization: one whole-image target, the same for every token.
             boxes = self._whole_image.expand(len(rows), 4)
+            output_size = 1
         mode = "softmax" if self.label_mode.endswith("multi") else "argmax"
         flip = flip.to(self.device, non_blocking=True)
         if self._fused:
             values, indices = self.store.values, self.store.indices
             sample_index = rows.to(self.device, non_blocking=True)
-        else:  # gather on the host from the memory-mapped store, then copy
-            values = self.store.values.index_select(0, rows)
-            indices = self.store.indices.index_select(0, rows)
-            if self.device.type == "cuda":
-                values = values.pin_memory().to(self.device, non_blocking=True)
-                indices = indices.pin_memory().to(self.device, non_blocking=True)
+        else:  # gather the rows on the host (into pinned memory for a GPU), then copy
+            values, indices = (self._host_gather(data, rows)
+                               for data in (self.store.values, self.store.indices))
             sample_index = None
-        # The store was validated on open and DALI made the boxes: skip the data checks,
+        # The class ids were checked at start and DALI made the boxes: skip the data checks,
         # which would cost a host sync on CUDA.
-        return label_pooling(values, indices, boxes, num_classes=num_classes,
-                             output_size=self.output_size, flip=flip, sample_index=sample_index,
-                             mode=mode, check_inputs=False)
+        targets = label_pooling(values, indices, boxes, num_classes=num_classes,
+                                output_size=output_size, flip=flip, sample_index=sample_index,
+                                mode=mode, check_inputs=False)
+        if output_size != self.output_size:
+            return targets[:, None, :].expand(-1, self.output_size ** 2, -1).contiguous()
+        return targets
+
+    def _host_gather(self, data: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        pinned = self.device.type == "cuda"
+        out = torch.empty((len(rows), *data.shape[1:]), dtype=data.dtype, pin_memory=pinned)
+        torch.index_select(data, 0, rows, out=out)
+        return out.to(self.device, non_blocking=True)
 
     def state_dict(self) -> Dict[str, Any]:
         """Position in the current epoch; load_state_dict continues right after it."""
@@ -568,27 +630,27 @@ class ValLoader:
         self.batch_size = batch_size
         self.dtype = dtype
         self.channels_last = channels_last
-        mine = range(self.shard_id, len(self.paths), self.num_shards)
-        self.indices = list(mine)
-        pipe = val_pipeline(
-            [os.path.join(self.image_root, self.paths[i]) for i in mine],
-            [self.labels[i] for i in mine],
+        self.indices = list(range(self.shard_id, len(self.paths), self.num_shards))
+        self._pipeline_args = dict(
             decoder_device="mixed" if self._device_id is not None else "cpu",
             image_size=image_size, resize_size=resize_size, mean=tuple(mean), std=tuple(std),
             dtype=_dali_image_dtype(dtype), channels_last=channels_last,
             adjust_orientation=adjust_orientation, batch_size=batch_size,
             num_threads=num_threads or _default_threads(), device_id=self._device_id, seed=0)
-        pipe.build()
-        self._iterator = DALIGenericIterator([pipe], ["images", "labels"],
-                                             reader_name=READER_NAME,
-                                             last_batch_policy=LastBatchPolicy.PARTIAL,
-                                             auto_reset=True)
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for outputs in self._iterator:
+        # A fresh pipeline per pass: an evaluation left early does not shift the next one.
+        pipe = val_pipeline([os.path.join(self.image_root, self.paths[i]) for i in self.indices],
+                            [self.labels[i] for i in self.indices], **self._pipeline_args)
+        pipe.build()
+        # PARTIAL: the reader pads the last batch; the padding is trimmed, so across shards
+        # every image is evaluated exactly once.
+        iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER_NAME,
+                                       last_batch_policy=LastBatchPolicy.PARTIAL)
+        for outputs in iterator:
             out = outputs[0]
             images = _finish_images(out["images"], self.device, self.dtype, self.channels_last)
             yield images, out["labels"].view(-1).to(torch.int64).to(self.device)

@@ -21,18 +21,20 @@ logger = logging.getLogger(__name__)
 
 
 @pipeline_def(exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
-def _decode_pipeline(adjust_orientation: bool):
+def _decode_pipeline(decoder_device: str, adjust_orientation: bool):
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-    return fn.decoders.image(encoded, device="cpu", output_type=types.RGB,
+    return fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
                              adjust_orientation=adjust_orientation, jpeg_fancy_upsampling=True)
 
 
 class _Decoder:
     """A CPU decode pipeline, rebuilt after a failure (a failed DALI pipeline stays invalid)."""
 
-    def __init__(self, batch_size: int, num_threads: int, adjust_orientation: bool) -> None:
-        self._args = dict(batch_size=batch_size, num_threads=num_threads, device_id=None,
-                          adjust_orientation=adjust_orientation)
+    def __init__(self, batch_size: int, num_threads: int, decoder_device: str,
+                 adjust_orientation: bool) -> None:
+        self._args = dict(batch_size=batch_size, num_threads=num_threads,
+                          device_id=0 if decoder_device == "mixed" else None,
+                          decoder_device=decoder_device, adjust_orientation=adjust_orientation)
         self._pipe = None
 
     def decode(self, buffers: List[np.ndarray]) -> None:
@@ -56,7 +58,8 @@ def _reason(error: Exception) -> str:
 
 
 def verify_images(image_root: str, paths: Sequence[str], *, batch_size: int = 64,
-                  num_threads: int = 2, adjust_orientation: bool = False,
+                  num_threads: int = 2, decoder_device: str = "cpu",
+                  adjust_orientation: bool = False,
                   progress: bool = True) -> List[Tuple[str, str]]:
     """Decode every image; return the bad ones as (relative path, reason).
 
@@ -65,13 +68,17 @@ def verify_images(image_root: str, paths: Sequence[str], *, batch_size: int = 64
         paths: Relative image paths ('/' separated), e.g. a store's /paths.
         batch_size: Files decoded per DALI batch.
         num_threads: DALI decoding threads.
+        decoder_device: "cpu", or "mixed" to decode on the GPU (device 0) as GPU training
+            does; the two decoders can disagree on marginal files.
         adjust_orientation: Decode as a loader with this setting would.
         progress: Show a progress bar.
     """
     if batch_size < 1 or num_threads < 1:
         raise ValueError(f"batch_size and num_threads must be >= 1, got {batch_size}, "
                          f"{num_threads}")
-    decoder = _Decoder(batch_size, num_threads, adjust_orientation)
+    if decoder_device not in ("cpu", "mixed"):
+        raise ValueError(f"decoder_device must be 'cpu' or 'mixed', got {decoder_device!r}")
+    decoder = _Decoder(batch_size, num_threads, decoder_device, adjust_orientation)
     bad: List[Tuple[str, str]] = []
     bar = tqdm(total=len(paths), desc="verify", unit="img", disable=not progress)
     for start in range(0, len(paths), batch_size):

@@ -170,5 +170,8 @@ def label_pooling_triton(
         BLOCK_H=triton.next_power_of_2(height),
         BLOCK_W=triton.next_power_of_2(width),
         BLOCK_C=min(1024, triton.next_power_of_2(num_classes)),
+        # No fused multiply-add: x * W - 0.5 must round as torchvision's kernel rounds it, or
+        # ceil(roi / S) can pick one sample more on boxes that are whole pixels.
+        enable_fp_fusion=False,
     )
     return out

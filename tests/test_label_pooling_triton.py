@@ -38,3 +38,15 @@ def test_triton_kernel_without_gather_or_flip():
     got = label_pooling_triton(values, indices, boxes, None, None, 300, 1, "logits")
     want = reference_label_pooling(values, indices, boxes, num_classes=300, mode="logits")
     assert_close(got.squeeze(1), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_kernel_int32_classes_bf16_values_and_repeats(mode):
+    """ImageNet-21k class ids as int32 indices, bfloat16 values, a class listed twice."""
+    values, indices = make_label_maps(3, 2, 21843, dtype=torch.bfloat16, seed=4)
+    indices = indices.to(torch.int32)
+    indices[0, 1] = indices[0, 0]
+    boxes = torch.cat([make_boxes(2, seed=5), EDGE_BOXES[[0]]])
+    got = label_pooling_triton(values, indices, boxes, None, None, 21843, 1, mode)
+    want = reference_label_pooling(values, indices, boxes, num_classes=21843, mode=mode)
+    assert_close(got.squeeze(1), want, atol=1e-5, rtol=0)

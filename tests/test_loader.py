@@ -78,7 +78,7 @@ def test_crops_are_honest(dataset):
     loader = ReLabelLoader(root, store_path, 8, device="cpu", image_size=48, return_meta=True,
                            num_threads=2, **RAW)
     store = loader.store
-    honest, transposed = [], []
+    honest, transposed, shifted = [], [], []
     for batch in collect(loader, epochs=2):
         for k in range(len(batch.sample_index)):
             path = os.path.join(root, store.paths[batch.sample_index[k]])
@@ -92,11 +92,16 @@ def test_crops_are_honest(dataset):
             honest.append(np.abs(pil_crop(path, box, 48, flip) - got).mean())
             swapped = np.clip(box[[1, 0, 3, 2]], 0, 1)
             transposed.append(np.abs(pil_crop(path, swapped, 48, flip) - got).mean())
-    honest, transposed = np.array(honest), np.array(transposed)
+            # The same window moved by 3 pixels (to whichever side has room).
+            dx = 3 / width if box[2] + 3 / width <= 1 else -3 / width
+            moved = box + np.array([dx, 0, dx, 0])
+            shifted.append(np.abs(pil_crop(path, moved, 48, flip) - got).mean())
+    honest, transposed, shifted = np.array(honest), np.array(transposed), np.array(shifted)
     assert len(honest) == 2 * 24
     assert honest.max() < 2.5, honest
-    # A transposed box (the official code's bug) would fail the same threshold.
+    # A transposed box (the official code's bug) or a shifted one fails the same threshold.
     assert np.mean(transposed > 2.5) > 0.9 and np.median(transposed) > 10 * np.median(honest)
+    assert np.mean(shifted > 2.5) > 0.9, shifted
 
 
 @pytest.mark.parametrize("label_mode", LABEL_MODES)
@@ -113,12 +118,17 @@ def test_targets_follow_boxes(dataset, label_mode, output_size):
             want = want.float()
             if output_size > 1:
                 want = want[:, None].expand(-1, output_size ** 2, -1)
-        else:
-            boxes = batch.boxes
-            if label_mode.startswith("global"):
-                boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(boxes), 4)
+        elif label_mode.startswith("global"):  # one whole-image target for every token
+            whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(batch.boxes), 4)
             want = reference_label_pooling(
-                store.values, store.indices, boxes, num_classes=NUM_CLASSES,
+                store.values, store.indices, whole, num_classes=NUM_CLASSES,
+                sample_index=batch.sample_index,
+                mode="softmax" if label_mode.endswith("multi") else "argmax")
+            if output_size > 1:
+                want = want[:, None].expand(-1, output_size ** 2, -1)
+        else:
+            want = reference_label_pooling(
+                store.values, store.indices, batch.boxes, num_classes=NUM_CLASSES,
                 output_size=output_size, flip=batch.flip, sample_index=batch.sample_index,
                 mode="softmax" if label_mode.endswith("multi") else "argmax")
         assert_close(batch.targets, want, atol=1e-5, rtol=0)
@@ -129,9 +139,10 @@ def test_shards_cover_an_epoch_exactly_once(dataset):
     root, store_path = dataset
     rows = []
     for shard_id in range(2):
-        loader = ReLabelLoader(root, store_path, 4, device="cpu", image_size=16,
-                               shard_id=shard_id, num_shards=2, drop_last=False,
-                               return_meta=True, num_threads=1)
+        with pytest.warns(UserWarning, match="drop_last=False: ranks may yield different"):
+            loader = ReLabelLoader(root, store_path, 4, device="cpu", image_size=16,
+                                   shard_id=shard_id, num_shards=2, drop_last=False,
+                                   return_meta=True, num_threads=1)
         batches = collect(loader)
         assert len(batches) == len(loader) == 4  # 15 samples: 3 full batches and 3 left
         assert [len(b.sample_index) for b in batches] == [4, 4, 4, 3]
@@ -193,10 +204,61 @@ def test_same_seed_same_batches_and_resume_mid_epoch(dataset):
     for want, got in zip(full[5:], seen + rest):
         assert torch.equal(want.sample_index, got.sample_index)
         assert torch.equal(want.boxes, got.boxes) and torch.equal(want.flip, got.flip)
-        assert torch.equal(want.images, got.images)
+        assert torch.equal(want.images, got.images) and torch.equal(want.targets, got.targets)
     assert resumed.epoch == 2
+
+    # The DistributedSampler habit, set_epoch after load_state_dict, keeps the position.
+    again = ReLabelLoader(root, store_path, 6, **kwargs)
+    again.load_state_dict(state)
+    again.set_epoch(1)
+    assert cat(collect(again), "sample_index").tolist() == cat(rest, "sample_index").tolist()
     with pytest.raises(ValueError, match="batch_size: saved 6, now 5"):
         ReLabelLoader(root, store_path, 5, **kwargs).load_state_dict(state)
+
+
+def test_epoch_left_early_counts_as_done(dataset):
+    root, store_path = dataset
+    loader = ReLabelLoader(root, store_path, 6, device="cpu", image_size=16, return_meta=True,
+                           num_threads=1)
+    first = next(iter(loader))  # a peek at the shapes, as one does with a DataLoader
+    assert first.images.shape == (6, 3, 16, 16)
+    rows = cat(collect(loader), "sample_index").tolist()
+    assert loader.epoch == 2 and rows == loader.epoch_order(1).tolist()
+
+
+def test_shards_default_to_the_global_rank(dataset, monkeypatch):
+    """Node 2 of 2, local rank 1: the shard is the global rank 3, never LOCAL_RANK."""
+    root, store_path = dataset
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    loader = ReLabelLoader(root, store_path, 2, device="cpu", image_size=16)
+    assert (loader.shard_id, loader.num_shards) == (3, 4)
+    assert loader.epoch_order(0).tolist() == ReLabelLoader(
+        root, store_path, 2, device="cpu", shard_id=3, num_shards=4).epoch_order(0).tolist()
+
+
+def test_host_gather_path_equals_fused_gather(dataset):
+    root, store_path = dataset
+    kwargs = dict(device="cpu", image_size=16, seed=2, return_meta=True, num_threads=1,
+                  output_size=2)
+    fused = collect(ReLabelLoader(root, store_path, 5, fused_gather=True, **kwargs))
+    gathered = collect(ReLabelLoader(root, store_path, 5, fused_gather=False,
+                                     labelmaps_placement="memory", **kwargs))
+    assert_close(cat(gathered, "targets"), cat(fused, "targets"), atol=0, rtol=0)
+
+
+def test_store_with_out_of_range_classes_is_refused(dataset, tmp_path):
+    import h5py
+    import shutil
+    root, store_path = dataset
+    broken = tmp_path / "broken.h5"
+    shutil.copy(store_path, broken)
+    with h5py.File(broken, "r+") as f:
+        f["indices"][7, 0, 3, 3] = NUM_CLASSES
+    with pytest.raises(ValueError, match="'/indices' holds class ids in .*expected"):
+        ReLabelLoader(root, broken, 2, device="cpu")
 
 
 def test_exclude_and_missing_files(dataset, tmp_path):

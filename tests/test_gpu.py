@@ -1,0 +1,90 @@
+"""The lines only a GPU runs: the compiled Triton kernel and the loaders' CUDA paths.
+
+Skipped without CUDA (the CI machine has none; every path here has a CPU twin that the rest
+of the suite runs). conftest.py switches triton's interpreter on for the session, so these
+run in a subprocess without it, where the kernel is compiled for the GPU.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from test_loader import dataset  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+KERNEL = textwrap.dedent("""
+    import sys
+    import torch
+    from torch.testing import assert_close
+    sys.path.insert(0, sys.argv[1])
+    from conftest import make_boxes, make_label_maps
+    from dali_relabel import MODES, label_pooling, reference_label_pooling
+
+    for num_classes in (1000, 21843, 40000):
+        values, indices = make_label_maps(64, 5, num_classes, seed=num_classes)
+        # Boxes of whole pixels of 230 x 173 images: where fused multiply-adds would change
+        # the sample count ceil(roi / S).
+        pixels = (make_boxes(64, seed=1) * torch.tensor([230, 173, 230, 173])).round()
+        boxes = pixels / torch.tensor([230, 173, 230, 173])
+        sample_index = torch.randint(0, 64, (64,), generator=torch.Generator().manual_seed(2))
+        flip = torch.rand(64, generator=torch.Generator().manual_seed(3)) < 0.5
+        for output_size in (1, 2, 14):
+            for mode in MODES:
+                want = reference_label_pooling(values, indices, boxes, num_classes=num_classes,
+                                               output_size=output_size, flip=flip,
+                                               sample_index=sample_index, mode=mode)
+                got = label_pooling(values.cuda(), indices.cuda(), boxes.cuda(),
+                                    num_classes=num_classes, output_size=output_size,
+                                    flip=flip.cuda(), sample_index=sample_index.cuda(),
+                                    mode=mode)
+                assert_close(got.cpu(), want, atol=1e-5, rtol=0)
+""")
+
+LOADER = textwrap.dedent("""
+    import sys
+    import torch
+    from torch.testing import assert_close
+    from dali_relabel import LabelMapStore, ReLabelLoader, ValLoader, reference_label_pooling
+
+    root, store_path = sys.argv[1:3]
+    store = LabelMapStore.open(store_path, placement="memory")
+    for fused in (True, False):
+        loader = ReLabelLoader(root, store_path, 8, device="cuda", image_size=32, output_size=2,
+                               fused_gather=fused, return_meta=True,
+                               labelmaps_placement="device" if fused else "mmap")
+        for batch in loader:
+            assert batch.images.is_cuda and batch.targets.is_cuda
+            rows, boxes, flip = (t.cpu() for t in (batch.sample_index, batch.boxes, batch.flip))
+            want = reference_label_pooling(store.values, store.indices, boxes,
+                                           num_classes=store.num_classes, output_size=2,
+                                           flip=flip, sample_index=rows)
+            assert_close(batch.targets.cpu(), want, atol=1e-5, rtol=0)
+    cpu = [b.images for b in ReLabelLoader(root, store_path, 8, device="cpu", image_size=32,
+                                           seed=5, return_meta=True)]
+    gpu = [b.images for b in ReLabelLoader(root, store_path, 8, device="cuda", image_size=32,
+                                           seed=5, return_meta=True)]
+    for a, b in zip(cpu, gpu):  # nvJPEG and libjpeg-turbo differ by a little, not by crops
+        assert (a - b.cpu()).abs().mean() < 0.05
+    images, labels = next(iter(ValLoader(root, 8, device="cuda", image_size=32,
+                                         resize_size=40)))
+    assert images.is_cuda and labels.is_cuda and images.shape == (8, 3, 32, 32)
+""")
+
+
+def run_without_interpreter(code: str, *args: str) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_compiled_triton_kernel_matches_reference():
+    run_without_interpreter(KERNEL, os.path.dirname(__file__))
+
+
+def test_loaders_on_cuda(dataset):  # noqa: F811
+    run_without_interpreter(LOADER, *dataset)
