@@ -26,7 +26,9 @@ demo: $(STAMP)
 	$(PY) benchmarks/kernel_bench.py
 
 bench: $(STAMP)
+	$(PIP) install -q -e '.[test,bench]' --no-build-isolation
 	$(PY) benchmarks/kernel_bench.py
+	$(PY) benchmarks/loader_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info kernels/*.so

@@ -38,6 +38,10 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=7.4", "pillow>=10.0", "pyyaml>=6.0"]},
+    extras_require={
+        "test": ["pytest>=7.4", "pillow>=10.0", "pyyaml>=6.0"],
+        # The loader benchmark's ImageNet-like JPEGs come from the photos these ship.
+        "bench": ["scikit-image>=0.21", "scikit-learn>=1.3"],
+    },
     entry_points={"console_scripts": ["dali-relabel=dali_relabel.cli:main"]},
 )
