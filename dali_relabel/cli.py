@@ -1,12 +1,17 @@
 """The `dali-relabel` command line: one subcommand per task on ReLabel label-map files.
 
 Usage: dali-relabel COMMAND ...; `dali-relabel COMMAND --help` shows an example per command.
+Commands: annotate (make label maps with a timm classifier), import-pt (convert the official
+relabel_imagenet release), info (describe and validate a file), verify (find images that fail
+to decode), show (draw a map over its image). ReLabel: Yun et al., CVPR 2021.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +19,8 @@ import torch
 from dali_relabel.store import LabelMapError, LabelMapStore, read_header
 
 _SHOWN_CLASSES = 5
+_SHOWN_PATHS = 5
+_HELP_WIDTH = 79
 
 
 def _human_size(num_bytes: float) -> str:
@@ -90,12 +97,56 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _annotate(args: argparse.Namespace) -> int:
+    from dali_relabel.annotate import annotate
+    from dali_relabel.jobs import read_name_list
+
+    classes = read_name_list(args.classes, argument="--classes") if args.classes else None
+    annotate(args.images, args.out, model=args.model, checkpoint=args.checkpoint,
+             pretrained=args.pretrained, input_size=args.input_size, map_size=args.map_size,
+             topk=args.topk, batch_size=args.batch_size, num_workers=args.num_workers,
+             device=args.device, classes=classes, exclude=args.exclude)
+    if os.path.exists(args.out):  # under torchrun only rank 0 writes the file
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _import_pt(args: argparse.Namespace) -> int:
+    from dali_relabel.import_pt import import_pt
+    from dali_relabel.jobs import read_name_list
+
+    classes = read_name_list(args.classes, argument="--classes") if args.classes else None
+    report = import_pt(args.src, args.images, args.out, layout=args.layout, classes=classes,
+                       strict=args.strict, num_workers=args.num_workers)
+    for what, paths in (("image without a map", report.images_without_maps),
+                        ("map without an image", report.maps_without_images)):
+        for path in paths[:_SHOWN_PATHS]:
+            print(f"{what}: {path}")
+        if len(paths) > _SHOWN_PATHS:
+            print(f"{what}: ... and {len(paths) - _SHOWN_PATHS} more")
+    print(f"wrote {args.out}: {report.rows} maps (layout {args.layout}); "
+          f"{len(report.images_without_maps)} images without a map, "
+          f"{len(report.maps_without_images)} maps without an image")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from dali_relabel.show import show_labelmap
+
+    shown = show_labelmap(args.file, args.images, args.index, args.out, box=args.box,
+                          num_crops=args.crops, seed=args.seed)
+    print(f"wrote {args.out}: {shown.path}, {len(shown.boxes)} crop(s)")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dali-relabel",
         description="DALI data loading with ReLabel label maps: tools for label-map files.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_annotate(commands)
+    _add_import_pt(commands)
     info = commands.add_parser(
         "info",
         help="describe a label-map file and validate it",
@@ -137,7 +188,128 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="decode with EXIF orientation applied, as a loader with "
                              "adjust_orientation=True does")
     verify.set_defaults(run=_verify)
+    _add_show(commands)
     return parser
+
+
+def _add_annotate(commands: argparse._SubParsersAction) -> None:
+    annotate = commands.add_parser(
+        "annotate",
+        help="make label maps for an image folder with a timm classifier",
+        description=textwrap.fill(
+            "The machine annotator of ReLabel: a timm classifier whose head is "
+            "global average pooling + linear is applied at every position of its "
+            "feature map (the linear layer as a 1x1 convolution). Each image is "
+            "resized whole to --input-size (no crop), the logit map is brought to "
+            "--map-size (adaptive average pooling, or bilinear when smaller) and the "
+            "top-k classes of every cell are written. Rerunning an interrupted job "
+            "continues it. Under torchrun every rank annotates its share into its "
+            "own part file, which rank 0 merges into OUT.", _HELP_WIDTH),
+        epilog="examples:\n"
+               "  dali-relabel annotate --model resnet50 --checkpoint rn50.pth "
+               "--images /data/imagenet/train --out relabel.h5\n"
+               "  torchrun --nproc_per_node=8 -m dali_relabel.cli annotate "
+               "--model efficientnet_b3 --pretrained --images train/ --out maps.h5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    annotate.add_argument("--model", required=True, metavar="NAME",
+                          help="timm model name, e.g. resnet50")
+    weights = annotate.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", metavar="FILE",
+                         help="model weights (a state dict file)")
+    weights.add_argument("--pretrained", action="store_true",
+                         help="timm's pretrained weights (timm downloads them)")
+    annotate.add_argument("--images", required=True, metavar="ROOT",
+                          help="ImageFolder root (class folders)")
+    annotate.add_argument("--out", required=True, metavar="FILE",
+                          help="label-map file to write (HDF5)")
+    annotate.add_argument("--input-size", type=int, default=475, metavar="N",
+                          help="side the whole image is resized to (default: 475)")
+    annotate.add_argument("--map-size", type=int, default=15, metavar="N",
+                          help="side of the label maps (default: 15)")
+    annotate.add_argument("--topk", type=int, default=5, metavar="K",
+                          help="classes kept per cell (default: 5)")
+    annotate.add_argument("--batch-size", type=int, default=32, metavar="B",
+                          help="images per forward pass (default: 32)")
+    annotate.add_argument("--num-workers", type=int, default=None, metavar="N",
+                          help="image-loading processes (default: this process's share of "
+                               "the CPUs, at most 8)")
+    annotate.add_argument("--device", default=None, metavar="D",
+                          help="cuda (bf16) or cpu (default: cuda if available, else cpu)")
+    annotate.add_argument("--classes", metavar="FILE",
+                          help="file with the model's class names in index order, one per "
+                               "line (default: the class folders, or timm's ImageNet synsets)")
+    annotate.add_argument("--exclude", metavar="FILE",
+                          help="file listing images to leave out (e.g. from `dali-relabel "
+                               "verify`)")
+    annotate.set_defaults(run=_annotate)
+
+
+def _add_import_pt(commands: argparse._SubParsersAction) -> None:
+    import_pt = commands.add_parser(
+        "import-pt",
+        help="import the official relabel_imagenet release (.pt files)",
+        description=textwrap.fill(
+            "Convert the official ReLabel release (one [2, 5, 15, 15] .pt tensor of "
+            "top-k values and class indices per image, in a tree like the ImageNet "
+            "train folder) into one label-map file. Layout 'official' stores each "
+            "map transposed, because the official code passes (y1, x1, y2, x2) to "
+            "roi_align: the targets then equal the official training targets. Layout "
+            "'hw' stores the maps as given. Images without a map and maps without an "
+            "image are reported; only matched images are written (--strict refuses). "
+            "Rerunning an interrupted import continues it.", _HELP_WIDTH),
+        epilog="example:\n  dali-relabel import-pt /data/relabel_imagenet "
+               "--images /data/imagenet/train --out relabel_imagenet.h5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    import_pt.add_argument("src", metavar="SRC",
+                           help="root of the .pt tree (the extracted release)")
+    import_pt.add_argument("--images", required=True, metavar="ROOT",
+                           help="the matching ImageFolder root")
+    import_pt.add_argument("--out", required=True, metavar="FILE",
+                           help="label-map file to write (HDF5)")
+    import_pt.add_argument("--layout", choices=("official", "hw"), default="official",
+                           help="official: reproduce the official targets (default); "
+                                "hw: store the maps as given")
+    import_pt.add_argument("--classes", metavar="FILE",
+                           help="file with the class names in the maps' index order, one per "
+                                "line (default: the class folders of --images)")
+    import_pt.add_argument("--strict", action="store_true",
+                           help="refuse when an image has no map or a map has no image")
+    import_pt.add_argument("--num-workers", type=int, default=None, metavar="N",
+                           help="threads reading .pt files (default: this process's share of "
+                                "the CPUs, at most 8)")
+    import_pt.set_defaults(run=_import_pt)
+
+
+def _add_show(commands: argparse._SubParsersAction) -> None:
+    show = commands.add_parser(
+        "show",
+        help="draw a label map over its image, with crop targets (PNG)",
+        description=textwrap.fill(
+            "Draw one image of a label-map file to a PNG: the image with the crop "
+            "boxes, heatmaps of its top-2 classes over the image, and for every crop "
+            "the crop and the top-5 classes of its target. Without --box, random "
+            "crops made as ReLabelLoader makes them. Use it to check that maps line "
+            "up with their images.", _HELP_WIDTH),
+        epilog="examples:\n"
+               "  dali-relabel show relabel.h5 --images /data/imagenet/train --index 0 "
+               "--out row0.png\n"
+               "  dali-relabel show relabel.h5 --images train/ --index 7 "
+               "--box 0.1 0.2 0.6 0.9 --out crop.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("file", metavar="FILE", help="label-map file (HDF5)")
+    show.add_argument("--images", required=True, metavar="ROOT",
+                      help="folder the file's /paths are under")
+    show.add_argument("--index", type=int, required=True, metavar="I", help="row (image) to show")
+    show.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
+                      help="one crop, normalized to [0, 1] (default: random loader crops)")
+    show.add_argument("--crops", type=int, default=3, metavar="N",
+                      help="number of random crops without --box (default: 3)")
+    show.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random crops")
+    show.add_argument("--out", required=True, metavar="PNG", help="PNG file to write")
+    show.set_defaults(run=_show)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,7 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status.
     """
     args = _build_parser().parse_args(argv)
-    return args.run(args)
+    logging.basicConfig(format="dali-relabel: %(message)s")
+    logging.getLogger("dali_relabel").setLevel(logging.INFO)  # progress notes, not timm's
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:  # LabelMapError is a ValueError
+        print(f"dali-relabel {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
