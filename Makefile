@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) benchmarks/kernel_bench.py
+	$(PY) train/run.py --output output/demo
 
 bench: $(STAMP)
 	$(PIP) install -q -e '.[test,bench]' --no-build-isolation

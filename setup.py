@@ -37,9 +37,11 @@ setup(
         "h5py>=3.8",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "pillow>=10.0",
+        "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pillow>=10.0", "pyyaml>=6.0"],
+        "test": ["pytest>=7.4"],
         # The loader benchmark's ImageNet-like JPEGs come from the photos these ship.
         "bench": ["scikit-image>=0.21", "scikit-learn>=1.3"],
     },

@@ -12,6 +12,7 @@ inside an epoch with the same remaining samples, crops and flips (DALI checkpoin
 import dataclasses
 import logging
 import os
+import time
 import warnings
 from collections import defaultdict
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -161,6 +162,37 @@ def _finish_images(images: torch.Tensor, device: torch.device, dtype: torch.dtyp
     if channels_last:  # DALI wrote NHWC; this view is NCHW in channels_last memory format
         images = images.permute(0, 3, 1, 2)
     return images if images.dtype == dtype else images.to(dtype)
+
+
+class _Timer:
+    """Accumulated time of a code block: wall clock on CPU, CUDA events on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._ms = 0.0
+        self._events: List[Tuple[Any, Any]] = []
+
+    def __enter__(self) -> None:
+        if self._cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append((start, torch.cuda.Event(enable_timing=True)))
+        else:
+            self._start = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._cuda:
+            self._events[-1][1].record()
+        else:
+            self._ms += (time.perf_counter() - self._start) * 1e3
+
+    def pop_ms(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._ms += sum(start.elapsed_time(end) for start, end in self._events)
+            self._events.clear()
+        ms, self._ms = self._ms, 0.0
+        return ms
 
 
 def _check_size(name: str, value: Any) -> None:
@@ -334,6 +366,7 @@ class ReLabelLoader:
         self._batches_done = 0
         self._iterator: Optional[DALIGenericIterator] = None
         self._pending_checkpoint: Optional[str] = None
+        self._label_pooling_timer = _Timer(self.device)
 
     def _open_store(self, labelmaps, placement: Optional[str]) -> LabelMapStore:
         if isinstance(labelmaps, LabelMapStore):
@@ -472,7 +505,8 @@ class ReLabelLoader:
         flip = out["flip"].view(-1).to(torch.bool)
         boxes = out["boxes"].to(self.device, non_blocking=True)
         images = _finish_images(out["images"], self.device, self.dtype, self.channels_last)
-        targets = self.targets(boxes, flip, rows)
+        with self._label_pooling_timer:
+            targets = self.targets(boxes, flip, rows)
         if not self.return_meta:
             return images, targets
         return ReLabelBatch(images=images, targets=targets, labels=self._labels[
@@ -531,6 +565,14 @@ class ReLabelLoader:
         out = torch.empty((len(rows), *data.shape[1:]), dtype=data.dtype, pin_memory=pinned)
         torch.index_select(data, 0, rows, out=out)
         return out.to(self.device, non_blocking=True)
+
+    def label_pooling_ms(self) -> float:
+        """Milliseconds spent making targets (LabelPooling) since the last call.
+
+        Wall clock on CPU; CUDA events on a GPU, read here (this waits for the last batch's
+        targets), so measuring costs no synchronisation per batch.
+        """
+        return self._label_pooling_timer.pop_ms()
 
     def state_dict(self) -> Dict[str, Any]:
         """Position in the current epoch; load_state_dict continues right after it."""

@@ -1,0 +1,201 @@
+"""train/run.py end to end on a tiny synthetic dataset: one process, torchrun, kill and
+resume, SIGTERM, a non-finite loss; and the localized CutMix targets."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import make_boxes, make_label_maps
+import timm
+from dali_relabel import ValLoader, label_pooling
+from dali_relabel.synthetic import make_synthetic_imagenet
+
+TRAIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train")
+sys.path.insert(0, TRAIN_DIR)
+import run  # noqa: E402
+from cutmix import crop_to_image, cutmix, localized_cutmix_targets  # noqa: E402
+
+RUN = os.path.join(TRAIN_DIR, "run.py")
+METRICS = ("epoch", "lr", "train_loss", "images_per_s", "data_wait_ms", "step_ms",
+           "label_pooling_ms", "label_pooling_overhead_pct", "val_top1", "val_top5", "val_real")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    dataset = make_synthetic_imagenet(tmp_path_factory.mktemp("synthetic"), num_classes=4,
+                                      train_per_class=12, val_per_class=4, topk=3,
+                                      image_size=(40, 64), progress=False)
+    return ["--data", dataset.train_root, "--labelmaps", dataset.labelmaps,
+            "--val-data", dataset.val_root, "--real-labels", dataset.real_labels,
+            "--model", "resnet10t", "--image-size", "32", "--val-resize", "36",
+            "--batch-size", "8", "--threads", "1", "--log-every", "1"]
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_one_epoch_single_process(tiny, tmp_path):
+    out = tmp_path / "run"
+    record = run.main([*tiny, "--epochs", "1", "--output", str(out), "--cutmix-prob", "0.5"])
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert len(metrics) == 1 and set(METRICS) <= set(metrics[0])
+    assert metrics[0] == pytest.approx(record)
+    assert torch.isfinite(torch.tensor(metrics[0]["train_loss"]))
+    assert 0 <= metrics[0]["val_top1"] <= metrics[0]["val_top5"] <= 100
+    assert 0 < metrics[0]["label_pooling_overhead_pct"] < 100
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 6) and len(state["loaders"]) == 1
+    assert (out / "best.pt").exists() and (out / "args.yaml").exists()
+
+
+def test_torchrun_two_processes(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         RUN, *tiny, "--epochs", "1", "--output", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = read_jsonl(out / "metrics.jsonl")  # one record: rank 0 alone writes
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert len(state["loaders"]) == 2 and state["step"] == 3  # 48 images / 2 ranks / 8
+    assert [loader["shard_id"] for loader in state["loaders"]] == [0, 1]
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+    # Reduced over both ranks: the saved model on the whole validation set in one process.
+    model = timm.create_model("resnet10t", num_classes=4)
+    model.load_state_dict(state["model"])
+    val_root = tiny[tiny.index("--val-data") + 1]
+    val = ValLoader(val_root, 16, device="cpu", image_size=32, resize_size=36, num_threads=1)
+    with torch.no_grad():
+        correct = sum((model.eval()(x).argmax(1) == y).sum().item() for x, y in val)
+    assert metrics["val_top1"] == pytest.approx(100 * correct / 16)
+    assert result.stdout.count("Trained resnet10t") + result.stderr.count(
+        "Trained resnet10t") == 1
+
+
+def start(args, **kwargs):
+    return subprocess.Popen([sys.executable, RUN, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def wait_for_steps(trace, count, process, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(trace) and len(read_jsonl(trace)) >= count:
+            return
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} steps after {timeout} s")
+
+
+def by_step(trace):
+    """The rows of every step; a step re-run after a kill keeps its last record."""
+    return {(r["epoch"], r["step"]): r["rows"] for r in read_jsonl(trace)}
+
+
+def test_killed_run_resumes_without_repeating_or_skipping(tiny, tmp_path):
+    reference = tmp_path / "reference.jsonl"
+    run.main([*tiny, "--epochs", "2", "--output", str(tmp_path / "ref"),
+              "--trace-samples", str(reference)])
+    trace = tmp_path / "trace.jsonl"
+    args = [*tiny, "--epochs", "2", "--output", str(tmp_path / "killed"), "--ckpt-every", "1",
+            "--trace-samples", str(trace)]
+    process = start(args)
+    wait_for_steps(trace, 8, process)  # into the second epoch
+    process.kill()
+    process.wait()
+    assert run.main([*args, "--resume", "auto"])["epoch"] == 1
+    assert by_step(trace) == by_step(reference)
+    seen = [row for (epoch, _), rows in by_step(trace).items() if epoch == 1 for row in rows[0]]
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 48
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    out = tmp_path / "term"
+    process = start([*tiny, "--epochs", "3", "--output", str(out), "--trace-samples",
+                     str(trace)])
+    wait_for_steps(trace, 2, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stopped by SIGTERM" in output
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["step"] == len(read_jsonl(trace)) and 0 < state["step"] < 18
+    loader = state["loaders"][0]
+    assert loader["epoch"] * 6 + loader["batches_done"] == state["step"]
+
+
+def test_non_finite_loss_stops_with_the_documented_message(tiny, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        run.main([*tiny, "--epochs", "2", "--output", str(tmp_path / "nan"),
+                  "--lr", "1e30", "--opt", "sgd"])
+    message = str(info.value)
+    assert message.startswith("non-finite loss at step ")
+    assert "Last good checkpoint: none written yet" in message
+
+
+def test_localized_cutmix_targets():
+    values, indices = make_label_maps(10, 5, 20, seed=21)
+    boxes = make_boxes(4, seed=22)
+    flip = torch.tensor([True, False, False, True])
+    rows = torch.tensor([3, 7, 7, 1])
+    kwargs = dict(num_classes=20)
+    # The whole image pasted: the base's share is zero, the target is the partner's crop.
+    whole = localized_cutmix_targets(values, indices, boxes, flip, rows, (0.0, 0.0, 1.0, 1.0),
+                                     **kwargs)
+    assert_close(whole, label_pooling(values, indices, boxes.flip(0), sample_index=rows.flip(0),
+                                      **kwargs), atol=1e-6, rtol=0)
+    # The left half of a mirrored crop is the right half of its box in the original image.
+    rect = (0.0, 0.25, 0.5, 0.75)
+    mapped = crop_to_image(boxes, flip, rect)
+    x1, y1, x2, y2 = boxes[0]
+    assert_close(mapped[0], torch.stack([(x1 + x2) / 2, y1 + (y2 - y1) / 4, x2,
+                                         y1 + 3 * (y2 - y1) / 4]))
+    mixed = localized_cutmix_targets(values, indices, boxes, flip, rows, rect, **kwargs)
+    assert_close(mixed.sum(1), torch.ones(4))
+    pasted = label_pooling(values, indices, crop_to_image(boxes.flip(0), flip.flip(0), rect),
+                           sample_index=rows.flip(0), **kwargs)
+    assert (mixed - 0.25 * pasted).min() > -1e-6  # the pasted quarter is in every target
+    single = localized_cutmix_targets(values, indices, boxes, flip, rows, rect, single=True,
+                                      **kwargs)
+    assert_close(single.sum(1), torch.ones(4))
+
+
+def test_cutmix_pastes_the_partner_rectangle():
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16)
+    import numpy as np
+    mixed, (u1, v1, u2, v2) = cutmix(images, np.random.default_rng(0), beta=1.0)
+    left, top, right, bottom = int(u1 * 16), int(v1 * 16), int(u2 * 16), int(v2 * 16)
+    for k in range(4):
+        inside = mixed[k, :, top:bottom, left:right]
+        assert (inside == 3 - k).all()
+        outside = mixed[k].clone()
+        outside[:, top:bottom, left:right] = k
+        assert (outside == k).all()
+
+
+def test_config_file_sets_defaults_and_flags_override(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("model: resnet18\nepochs: 7\nlabel_mode: original\nsmoothing: 0.2\n")
+    args = run.parse_args(["--config", str(config), "--epochs", "3"])
+    assert (args.model, args.epochs, args.label_mode, args.smoothing) == (
+        "resnet18", 3, "original", 0.2)
+    assert args.image_size == run.DEMO_DEFAULTS["image_size"]  # no --data: the demo preset
+    config.write_text("modle: resnet18\n")
+    with pytest.raises(SystemExit, match="unknown keys"):
+        run.parse_args(["--config", str(config)])
+
+
+def test_label_smoothing_of_one_hot_targets():
+    one_hot = torch.nn.functional.one_hot(torch.tensor([2, 0]), 5).float()
+    smoothed = run.smooth_labels(one_hot, 0.1)
+    assert_close(smoothed, torch.tensor([[0.02, 0.02, 0.92, 0.02, 0.02],
+                                         [0.92, 0.02, 0.02, 0.02, 0.02]]))

@@ -1,0 +1,531 @@
+"""A lean DDP trainer on ReLabelLoader: image classification with ReLabel targets.
+
+Trains any timm model with the localized multi-label supervision of Yun et al., "Re-labeling
+ImageNet" (CVPR 2021): DALI decodes the random crops, LabelPooling turns each crop box into its
+soft target, and the loss is the soft-target cross-entropy. Launch:
+
+    torchrun --nproc_per_node=8 train/run.py --data TRAIN --labelmaps FILE --val-data VAL
+    python train/run.py                       # the demo: a synthetic multi-object ImageNet
+
+Without --data it builds the synthetic dataset of dali_relabel.synthetic in a cache folder and
+trains a small model on whatever device exists. CUDA + NCCL when a GPU is present, CPU + gloo
+otherwise. Rank 0 alone logs; outputs go to --output: args.yaml, metrics.jsonl, last.pt,
+best.pt. `--resume auto` continues from last.pt, the loader's position included.
+"""
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cutmix import cutmix, localized_cutmix_targets  # noqa: E402
+
+import timm  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
+from timm.utils import ModelEmaV3  # noqa: E402
+
+from dali_relabel import LABEL_MODES, ReLabelLoader, ValLoader  # noqa: E402
+
+logger = logging.getLogger("train")
+
+# What `python train/run.py` trains when no --data is given: small enough for a 2-core CPU.
+DEMO_DEFAULTS = dict(model="resnet10t", image_size=64, val_resize=72, epochs=15, batch_size=32,
+                     lr=0.4, warmup_epochs=1.0)
+PAPER_DEFAULTS = dict(model="resnet50", image_size=224, val_resize=256, epochs=300,
+                      batch_size=128, lr=None, warmup_epochs=5.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file of defaults (keys are the long option names with "
+                             "underscores); flags given on the command line override it")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", help="training ImageFolder root (default: the synthetic demo)")
+    data.add_argument("--labelmaps", help="label-map file of the training images")
+    data.add_argument("--val-data", help="validation ImageFolder root (default: none)")
+    data.add_argument("--real-labels", help="ReaL label sets: JSON list of lists of class "
+                                            "indices, in the order of the sorted val file names")
+    data.add_argument("--label-mode", default="localized_multi", choices=LABEL_MODES,
+                      help="targets (default: localized_multi, ReLabel)")
+    data.add_argument("--image-size", type=int, help="crop size (default: 224; demo 64)")
+    data.add_argument("--val-resize", type=int, help="validation resize (default: 256; demo 72)")
+    data.add_argument("--exclude", help="list of images to leave out (dali-relabel verify)")
+    data.add_argument("--threads", type=int, help="DALI threads per process (default: its "
+                                                  "share of the CPUs)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="timm model name (default: resnet50; demo resnet10t)")
+    model.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
+    model.add_argument("--checkpoint", help="initial weights (a state_dict or a train "
+                                            "checkpoint's 'model')")
+    model.add_argument("--drop-path", type=float, default=0.0,
+                       help="stochastic depth rate (default: 0.0)")
+    model.add_argument("--channels-last", action="store_true",
+                       help="channels_last memory format (default: off)")
+    model.add_argument("--amp", action="store_true", help="bf16 autocast (default: off)")
+    model.add_argument("--compile", action="store_true", help="torch.compile the model")
+    model.add_argument("--ema", type=float, default=0.0,
+                       help="EMA decay of the weights, 0 = off (default: 0.0)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, help="epochs (default: 300; demo 15)")
+    optim.add_argument("--batch-size", type=int, help="batch per process (default: 128; "
+                                                      "demo 32)")
+    optim.add_argument("--opt", default="sgd", help="timm optimizer: sgd (Nesterov), adamw, "
+                                                    "adamp, ... (default: sgd)")
+    optim.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 x global "
+                                                "batch / 256 for sgd, 1e-3 otherwise)")
+    optim.add_argument("--weight-decay", type=float, default=1e-4,
+                       help="weight decay (default: 1e-4)")
+    optim.add_argument("--momentum", type=float, default=0.9, help="momentum (default: 0.9)")
+    optim.add_argument("--warmup-epochs", type=float, help="linear warm-up (default: 5; demo 1)")
+    optim.add_argument("--min-lr", type=float, default=0.0,
+                       help="cosine floor (default: 0.0)")
+    optim.add_argument("--smoothing", type=float, default=0.1,
+                       help="label smoothing, label_mode 'original' only (default: 0.1)")
+    optim.add_argument("--cutmix-prob", type=float, default=0.0,
+                       help="probability of CutMix per batch (default: 0.0)")
+    optim.add_argument("--cutmix-beta", type=float, default=1.0,
+                       help="CutMix Beta(beta, beta) (default: 1.0)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output", default="output/train", help="output folder "
+                                                              "(default: output/train)")
+    run.add_argument("--resume", help="'auto' (OUTPUT/last.pt if present) or a checkpoint")
+    run.add_argument("--ckpt-every", type=int, default=0,
+                     help="also write last.pt every N steps, 0 = per epoch only (default: 0)")
+    run.add_argument("--eval-every", type=int, default=1,
+                     help="evaluate every N epochs (default: 1)")
+    run.add_argument("--log-every", type=int, default=20,
+                     help="steps between all-reduced progress updates (default: 20)")
+    run.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    run.add_argument("--device", choices=("cuda", "cpu"),
+                     help="device (default: cuda if available)")
+    run.add_argument("--dist-backend", help="nccl or gloo (default: nccl on cuda, else gloo)")
+    run.add_argument("--trace-samples", help="append every step's store rows to this JSONL "
+                                             "file (to audit resumption)")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise SystemExit(f"--config {args.config}: unknown keys {unknown}")
+        parser.set_defaults(**config)
+    args = parser.parse_args(argv)
+    preset = DEMO_DEFAULTS if args.data is None else PAPER_DEFAULTS
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.data is not None and args.labelmaps is None:
+        raise SystemExit("--labelmaps is required with --data")
+    return args
+
+
+class Distributed:
+    """The process group, if torchrun started several processes (or one with WORLD_SIZE)."""
+
+    def __init__(self, device: Optional[str], backend: Optional[str]) -> None:
+        use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1:
+            dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
+                                    device_id=self.device if use_cuda else None)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: List[float]) -> List[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, obj: Any) -> List[Any]:
+        if self.world == 1:
+            return [obj]
+        out: List[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def learning_rate(step: int, args: argparse.Namespace, steps_per_epoch: int) -> float:
+    """Linear warm-up, then cosine to min_lr, per step."""
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    total = args.epochs * steps_per_epoch
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def smooth_labels(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Label smoothing of (one-hot) targets: (1 - s) * t + s / C."""
+    return targets * (1.0 - smoothing) + smoothing / targets.shape[-1]
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def save_atomic(obj: Dict[str, Any], path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_real_labels(path: str, val: ValLoader) -> List[List[int]]:
+    """ReaL label sets per ValLoader path: the JSON follows the sorted val file names."""
+    with open(path, encoding="utf-8") as f:
+        sets = json.load(f)
+    names = sorted(os.path.basename(p) for p in val.paths)
+    if len(sets) != len(names):
+        raise SystemExit(f"--real-labels {path}: {len(sets)} label sets for {len(names)} "
+                         "validation images")
+    position = {name: i for i, name in enumerate(names)}
+    return [sets[position[os.path.basename(p)]] for p in val.paths]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: ValLoader, real: Optional[List[List[int]]],
+             dist_: Distributed, amp: bool) -> Dict[str, float]:
+    model.eval()
+    counts = np.zeros(4)  # top1, top5, real hits, images
+    seen = 0
+    for images, labels in val:
+        with torch.autocast(dist_.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(images)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        counts[0] += (top5[:, 0] == labels).sum().item()
+        counts[1] += (top5 == labels[:, None]).any(1).sum().item()
+        if real is not None:
+            predicted = top5[:, 0].tolist()
+            rows = val.indices[seen:seen + len(labels)]
+            counts[2] += sum(p in real[row] for p, row in zip(predicted, rows))
+        seen += len(labels)
+        counts[3] += len(labels)
+    top1, top5, real_hits, total = dist_.all_sum(counts.tolist())
+    result = dict(val_top1=100 * top1 / total, val_top5=100 * top5 / total)
+    if real is not None:
+        result["val_real"] = 100 * real_hits / total
+    return result
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, dist_: Distributed) -> None:
+        self.args, self.dist = args, dist_
+        device = dist_.device
+        self.train = ReLabelLoader(
+            args.data, args.labelmaps, args.batch_size, device=device,
+            image_size=args.image_size, label_mode=args.label_mode, seed=args.seed,
+            num_threads=args.threads, channels_last=args.channels_last,
+            exclude=args.exclude, return_meta=True)
+        self.val = None
+        self.real = None
+        if args.val_data:
+            self.val = ValLoader(args.val_data, args.batch_size, device=device,
+                                 image_size=args.image_size, resize_size=args.val_resize,
+                                 classes=self.train.store.classes, num_threads=args.threads,
+                                 channels_last=args.channels_last)
+            if args.real_labels:
+                self.real = read_real_labels(args.real_labels, self.val)
+        if args.lr is None:
+            global_batch = args.batch_size * dist_.world
+            args.lr = 0.1 * global_batch / 256 if args.opt in ("sgd", "nesterov") else 1e-3
+        torch.manual_seed(args.seed)
+        model = timm.create_model(args.model, pretrained=args.pretrained,
+                                  num_classes=self.train.num_classes,
+                                  drop_path_rate=args.drop_path or None)
+        if args.checkpoint:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ema = ModelEmaV3(model, decay=args.ema) if args.ema > 0 else None
+        self.optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr,
+                                             weight_decay=args.weight_decay,
+                                             momentum=args.momentum)
+        self.net = model
+        if dist_.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.compile:
+            self.net = torch.compile(self.net)
+        self.rng = np.random.default_rng([args.seed, dist_.rank])
+        self.epoch, self.step, self.best = 0, 0, -1.0
+        self.stop_requested = False
+        self.last_good: Optional[str] = None
+        self.metrics_path = os.path.join(args.output, "metrics.jsonl")
+        self.last_path = os.path.join(args.output, "last.pt")
+        self.best_path = os.path.join(args.output, "best.pt")
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def checkpoint(self, path: str) -> None:
+        """All ranks call this: every rank's loader position goes into rank 0's file."""
+        loaders = self.dist.gather(self.train.state_dict())
+        if self.dist.main:
+            save_atomic(dict(model=self.model.state_dict(),
+                             ema=self.ema.module.state_dict() if self.ema else None,
+                             optimizer=self.optimizer.state_dict(), epoch=self.epoch,
+                             step=self.step, best=self.best, loaders=loaders,
+                             rng=self.rng.bit_generator.state, args=vars(self.args)), path)
+            self.last_good = path
+
+    def resume(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if len(state["loaders"]) != self.dist.world:
+            raise SystemExit(f"{path} was written by {len(state['loaders'])} processes; "
+                             f"resume with as many (now {self.dist.world})")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
+        self.train.load_state_dict(state["loaders"][self.dist.rank])
+        self.rng.bit_generator.state = state["rng"]
+        self.last_good = path
+        if self.dist.main:
+            logger.info("resumed from %s: epoch %d, step %d", path, self.epoch, self.step)
+
+    # ---- training ----------------------------------------------------------------------
+    def train_epoch(self) -> Dict[str, float]:
+        """One epoch (or what is left of it after a resume). Losses accumulate on the device
+        and are all-reduced only every --log-every steps and at the end; the SIGTERM and
+        non-finite checks happen there, on every rank at the same step."""
+        args, train, device = self.args, self.train, self.dist.device
+        self.net.train()
+        steps = len(train)
+        done_before = train.state_dict()["batches_done"]
+        bar = tqdm(total=steps, initial=done_before, desc=f"epoch {self.epoch}",
+                   disable=not self.dist.main, dynamic_ncols=True)
+        train.label_pooling_ms()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        samples, wait_s, step_s = 0, 0.0, 0.0
+        epoch_start = tick = time.perf_counter()
+        for batch in train:
+            fetched = time.perf_counter()
+            wait_s += fetched - tick
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(self.step, args, steps)
+            images, targets = batch.images, batch.targets
+            if args.cutmix_prob > 0 and self.rng.random() < args.cutmix_prob:
+                images, targets = self.mix(batch)
+            if args.label_mode == "original" and args.smoothing > 0:
+                targets = smooth_labels(targets, args.smoothing)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                logits = self.net(images)
+            loss = soft_cross_entropy(logits, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.step)
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach().double(), 0.0) * len(images)
+            first_bad = torch.where(~finite & (first_bad < 0), self.step, first_bad)
+            samples += len(images)
+            if args.trace_samples:
+                self.trace(batch)
+            self.step += 1
+            tick = time.perf_counter()
+            step_s += tick - fetched
+            bar.update(1)
+            checkpoint_now = args.ckpt_every and self.step % args.ckpt_every == 0
+            if self.step % args.log_every == 0 or checkpoint_now:
+                total_loss, total_samples, stop = self.sync(first_bad, loss_sum, samples)
+                bar.set_postfix(loss=f"{total_loss / total_samples:.3f}",
+                                img_s=f"{samples / (tick - epoch_start):.0f}")
+                if stop or checkpoint_now:
+                    self.checkpoint(self.last_path)
+                if stop:
+                    bar.close()
+                    return {}
+        bar.close()
+        self.sync(first_bad, loss_sum, samples)
+        elapsed = time.perf_counter() - epoch_start
+        pooling_s = train.label_pooling_ms() / 1e3
+        total_loss, total_samples, wait_s, step_s, pooling_s, elapsed = self.dist.all_sum(
+            [float(loss_sum), samples, wait_s, step_s, pooling_s, elapsed])
+        world, done = self.dist.world, max(1, steps - done_before)
+        busy_s = wait_s + step_s
+        return dict(train_loss=total_loss / total_samples,
+                    images_per_s=total_samples / (elapsed / world),
+                    data_wait_ms=1e3 * wait_s / world / done,
+                    step_ms=1e3 * busy_s / world / done,
+                    label_pooling_ms=1e3 * pooling_s / world / done,
+                    label_pooling_overhead_pct=100 * pooling_s / busy_s)
+
+    def sync(self, first_bad: torch.Tensor, loss_sum: torch.Tensor, samples: int) -> tuple:
+        """All-reduce the running loss; stop on a non-finite loss; agree on SIGTERM."""
+        bad_steps = [step for step in self.dist.gather(int(first_bad)) if step >= 0]
+        if bad_steps:
+            self.fail_non_finite(min(bad_steps))
+        total_loss, total_samples, stop = self.dist.all_sum(
+            [float(loss_sum), samples, float(self.stop_requested)])
+        self.stop_requested = stop > 0
+        return total_loss, total_samples, self.stop_requested
+
+    def mix(self, batch) -> tuple:
+        images, rect = cutmix(batch.images, self.rng, self.args.cutmix_beta)
+        if self.args.label_mode.startswith("localized"):
+            store = self.train.store
+            targets = localized_cutmix_targets(
+                store.values, store.indices, batch.boxes, batch.flip, batch.sample_index,
+                rect, num_classes=store.num_classes,
+                single=self.args.label_mode == "localized_single")
+        else:  # no localization: the classic area mix of the two targets
+            share = (rect[2] - rect[0]) * (rect[3] - rect[1])
+            targets = (1 - share) * batch.targets + share * batch.targets.flip(0)
+        return images, targets
+
+    def trace(self, batch) -> None:
+        rows = self.dist.gather(batch.sample_index.tolist())
+        if self.dist.main:
+            with open(self.args.trace_samples, "a", encoding="utf-8") as f:
+                f.write(json.dumps(dict(epoch=self.epoch, step=self.step, rows=rows)) + "\n")
+
+    def fail_non_finite(self, step: int) -> None:
+        where = self.last_good or "none written yet"
+        message = (f"non-finite loss at step {step} (epoch {self.epoch}); stopping. Last good "
+                   f"checkpoint: {where}. Lower --lr or check the data, then --resume it.")
+        if self.dist.main:
+            logger.error(message)
+        raise SystemExit(message)
+
+    def fit(self) -> Dict[str, float]:
+        args = self.args
+        last: Dict[str, float] = {}
+        while self.epoch < args.epochs:
+            self.train.set_epoch(self.epoch)
+            lr = learning_rate(self.step, args, len(self.train))
+            record = self.train_epoch()
+            if not record:  # SIGTERM mid-epoch: train_epoch wrote the checkpoint
+                if self.dist.main:
+                    logger.info("stopped by SIGTERM at step %d; wrote %s", self.step,
+                                self.last_path)
+                return last
+            evaluated = self.val is not None and (
+                (self.epoch + 1) % args.eval_every == 0 or self.epoch + 1 == args.epochs)
+            if evaluated:
+                eval_model = self.ema.module if self.ema is not None else self.model
+                record.update(evaluate(eval_model, self.val, self.real, self.dist, args.amp))
+            record = dict(epoch=self.epoch, lr=lr, **record)
+            self.epoch += 1
+            improved = evaluated and record["val_top1"] > self.best
+            if improved:
+                self.best = record["val_top1"]
+            self.checkpoint(self.last_path)
+            if self.dist.main:
+                if improved:
+                    shutil.copyfile(self.last_path, f"{self.best_path}.tmp")
+                    os.replace(f"{self.best_path}.tmp", self.best_path)
+                with open(self.metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in record.items()))
+            last = record
+            if self.stop_requested:  # SIGTERM at the end of an epoch: it is saved
+                if self.dist.main:
+                    logger.info("stopped by SIGTERM after epoch %d; wrote %s", self.epoch - 1,
+                                self.last_path)
+                return last
+        return last
+
+
+def demo_dataset(args: argparse.Namespace, dist_: Distributed) -> None:
+    """Point the data arguments at the synthetic dataset (rank 0 builds it, once)."""
+    from dali_relabel.synthetic import make_synthetic_imagenet
+
+    if dist_.main:
+        dataset = make_synthetic_imagenet()
+    if dist_.world > 1:
+        dist.barrier()
+    if not dist_.main:
+        dataset = make_synthetic_imagenet(progress=False)
+    args.data, args.labelmaps = dataset.train_root, dataset.labelmaps
+    args.val_data = args.val_data or dataset.val_root
+    args.real_labels = args.real_labels or dataset.real_labels
+
+
+def summary(args: argparse.Namespace, record: Dict[str, float], seconds: float) -> str:
+    if not record:
+        return f"Stopped early; the checkpoint is {os.path.join(args.output, 'last.pt')}."
+    parts = [f"Trained {args.model} for {args.epochs} epochs with {args.label_mode} targets in "
+             f"{seconds / 60:.1f} min at {record['images_per_s']:.0f} images/s"]
+    if "val_top1" in record:
+        parts.append(f"final top-1 {record['val_top1']:.1f}%, top-5 {record['val_top5']:.1f}%"
+                     + (f", ReaL {record['val_real']:.1f}%" if "val_real" in record else ""))
+    parts.append(f"LabelPooling took {record['label_pooling_ms']:.2f} ms of each "
+                 f"{record['step_ms']:.0f} ms step ({record['label_pooling_overhead_pct']:.2f}%"
+                 " of training time; the paper reports about 0.5%)")
+    return ("; ".join(parts) + f". Outputs: {os.path.abspath(args.output)} (metrics.jsonl, "
+            "last.pt, best.pt, args.yaml).")
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    args = parse_args(argv)
+    dist_ = Distributed(args.device, args.dist_backend)
+    logging.basicConfig(level=logging.INFO if dist_.main else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    start = time.perf_counter()
+    try:
+        if args.data is None:
+            demo_dataset(args, dist_)
+        os.makedirs(args.output, exist_ok=True)
+        trainer = Trainer(args, dist_)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+        resume = args.resume
+        if resume == "auto":
+            resume = trainer.last_path if os.path.exists(trainer.last_path) else None
+        if resume:
+            trainer.resume(resume)
+        if dist_.main:
+            with open(os.path.join(args.output, "args.yaml"), "w", encoding="utf-8") as f:
+                yaml.safe_dump(vars(args), f, sort_keys=False)
+            logger.info("%s on %s x %d, %d steps/epoch, lr %.4g, started %s", args.model,
+                        dist_.device.type, dist_.world, len(trainer.train), args.lr,
+                        datetime.datetime.now().isoformat(timespec="seconds"))
+        record = trainer.fit()
+        if dist_.main:
+            logger.info(summary(args, record, time.perf_counter() - start))
+        return record
+    finally:
+        dist_.close()
+
+
+if __name__ == "__main__":
+    main()
