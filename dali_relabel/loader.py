@@ -566,6 +566,11 @@ class ReLabelLoader:
         torch.index_select(data, 0, rows, out=out)
         return out.to(self.device, non_blocking=True)
 
+    def time_label_pooling(self) -> "_Timer":
+        """A context manager that counts its block into label_pooling_ms() (for targets made
+        outside the loader, e.g. by CutMix)."""
+        return self._label_pooling_timer
+
     def label_pooling_ms(self) -> float:
         """Milliseconds spent making targets (LabelPooling) since the last call.
 

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from conftest import make_boxes, make_label_maps
 import timm
-from dali_relabel import ValLoader, label_pooling
+from dali_relabel import ValLoader, label_pooling, reference_label_pooling
 from dali_relabel.synthetic import make_synthetic_imagenet
 
 TRAIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train")
@@ -140,12 +140,22 @@ def test_non_finite_loss_stops_with_the_documented_message(tiny, tmp_path):
     message = str(info.value)
     assert message.startswith("non-finite loss at step ")
     assert "Last good checkpoint: none written yet" in message
+    # After a good epoch, a diverging resume names the step and the checkpoint to go back to.
+    out = tmp_path / "later"
+    run.main([*tiny, "--epochs", "1", "--output", str(out)])
+    with pytest.raises(SystemExit) as info:
+        run.main([*tiny, "--epochs", "2", "--output", str(out), "--resume", "auto",
+                  "--lr", "1e30"])
+    step = int(str(info.value).split("at step ")[1].split()[0])
+    assert 6 <= step < 12
+    assert f"Last good checkpoint: {out / 'last.pt'}" in str(info.value)
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 6  # not overwritten
 
 
 def test_localized_cutmix_targets():
     values, indices = make_label_maps(10, 5, 20, seed=21)
     boxes = make_boxes(4, seed=22)
-    flip = torch.tensor([True, False, False, True])
+    flip = torch.tensor([True, False, False, False])  # not a palindrome: partners differ
     rows = torch.tensor([3, 7, 7, 1])
     kwargs = dict(num_classes=20)
     # The whole image pasted: the base's share is zero, the target is the partner's crop.
@@ -155,18 +165,36 @@ def test_localized_cutmix_targets():
                                       **kwargs), atol=1e-6, rtol=0)
     # The left half of a mirrored crop is the right half of its box in the original image.
     rect = (0.0, 0.25, 0.5, 0.75)
-    mapped = crop_to_image(boxes, flip, rect)
     x1, y1, x2, y2 = boxes[0]
-    assert_close(mapped[0], torch.stack([(x1 + x2) / 2, y1 + (y2 - y1) / 4, x2,
-                                         y1 + 3 * (y2 - y1) / 4]))
+    assert_close(crop_to_image(boxes, flip, rect)[0],
+                 torch.stack([(x1 + x2) / 2, y1 + (y2 - y1) / 4, x2, y1 + 3 * (y2 - y1) / 4]))
+    # Against the documented formula, with the boxes mapped by hand and the dense reference.
     mixed = localized_cutmix_targets(values, indices, boxes, flip, rows, rect, **kwargs)
     assert_close(mixed.sum(1), torch.ones(4))
-    pasted = label_pooling(values, indices, crop_to_image(boxes.flip(0), flip.flip(0), rect),
-                           sample_index=rows.flip(0), **kwargs)
-    assert (mixed - 0.25 * pasted).min() > -1e-6  # the pasted quarter is in every target
+
+    def left_half(box, mirrored):  # rect (0, .25, .5, .75) of a crop, in image coordinates
+        x1, y1, x2, y2 = box.tolist()
+        w, h = x2 - x1, y2 - y1
+        left = x1 + w / 2 if mirrored else x1
+        return [left, y1 + h / 4, left + w / 2, y1 + 3 * h / 4]
+
+    partner = [3, 2, 1, 0]
+    for k in range(4):
+        p = partner[k]
+        pasted = reference_label_pooling(
+            values, indices, torch.tensor([left_half(boxes[p], bool(flip[p]))]),
+            sample_index=rows[p:p + 1], **kwargs)
+        crop = reference_label_pooling(values, indices, boxes[k:k + 1],
+                                       sample_index=rows[k:k + 1], mode="logits", **kwargs)
+        covered = reference_label_pooling(
+            values, indices, torch.tensor([left_half(boxes[k], bool(flip[k]))]),
+            sample_index=rows[k:k + 1], mode="logits", **kwargs)
+        base = ((crop - 0.25 * covered) / 0.75).softmax(-1)
+        assert_close(mixed[k:k + 1], 0.75 * base + 0.25 * pasted, atol=1e-5, rtol=0)
     single = localized_cutmix_targets(values, indices, boxes, flip, rows, rect, single=True,
                                       **kwargs)
     assert_close(single.sum(1), torch.ones(4))
+    assert set(single.unique().tolist()) <= {0.0, 0.25, 0.75, 1.0}
 
 
 def test_cutmix_pastes_the_partner_rectangle():

@@ -44,7 +44,9 @@ logger = logging.getLogger("train")
 
 # What `python train/run.py` trains when no --data is given: small enough for a 2-core CPU.
 DEMO_DEFAULTS = dict(model="resnet10t", image_size=64, val_resize=72, epochs=15, batch_size=32,
-                     lr=0.4, warmup_epochs=1.0)
+                     warmup_epochs=1.0)
+DEMO_SGD_LR = 0.4  # the demo's short schedule wants more than 0.1 x 32 / 256
+SGD_NAMES = ("sgd", "nesterov", "momentum")
 PAPER_DEFAULTS = dict(model="resnet50", image_size=224, val_resize=256, epochs=300,
                       batch_size=128, lr=None, warmup_epochs=5.0)
 
@@ -132,10 +134,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             raise SystemExit(f"--config {args.config}: unknown keys {unknown}")
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
+    for action in parser._actions:  # config values bypass argparse's own choices check
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise SystemExit(f"{action.dest}: {value!r} is not one of {list(action.choices)}")
     preset = DEMO_DEFAULTS if args.data is None else PAPER_DEFAULTS
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.data is None and args.lr is None and args.opt in SGD_NAMES:
+        args.lr = DEMO_SGD_LR
     if args.data is not None and args.labelmaps is None:
         raise SystemExit("--labelmaps is required with --data")
     return args
@@ -201,7 +209,10 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def save_atomic(obj: Dict[str, Any], path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -221,7 +232,7 @@ def read_real_labels(path: str, val: ValLoader) -> List[List[int]]:
 def evaluate(model: torch.nn.Module, val: ValLoader, real: Optional[List[List[int]]],
              dist_: Distributed, amp: bool) -> Dict[str, float]:
     model.eval()
-    counts = np.zeros(4)  # top1, top5, real hits, images
+    counts = np.zeros(5)  # top1, top5, real hits, images with a real label set, images
     seen = 0
     for images, labels in val:
         with torch.autocast(dist_.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -229,16 +240,17 @@ def evaluate(model: torch.nn.Module, val: ValLoader, real: Optional[List[List[in
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         counts[0] += (top5[:, 0] == labels).sum().item()
         counts[1] += (top5 == labels[:, None]).any(1).sum().item()
-        if real is not None:
+        if real is not None:  # ReaL leaves out the images with an empty label set
             predicted = top5[:, 0].tolist()
-            rows = val.indices[seen:seen + len(labels)]
-            counts[2] += sum(p in real[row] for p, row in zip(predicted, rows))
+            sets = [real[row] for row in val.indices[seen:seen + len(labels)]]
+            counts[2] += sum(p in labels_ for p, labels_ in zip(predicted, sets))
+            counts[3] += sum(bool(labels_) for labels_ in sets)
         seen += len(labels)
-        counts[3] += len(labels)
-    top1, top5, real_hits, total = dist_.all_sum(counts.tolist())
+        counts[4] += len(labels)
+    top1, top5, real_hits, real_total, total = dist_.all_sum(counts.tolist())
     result = dict(val_top1=100 * top1 / total, val_top5=100 * top5 / total)
     if real is not None:
-        result["val_real"] = 100 * real_hits / total
+        result["val_real"] = 100 * real_hits / max(1, real_total)
     return result
 
 
@@ -262,7 +274,7 @@ class Trainer:
                 self.real = read_real_labels(args.real_labels, self.val)
         if args.lr is None:
             global_batch = args.batch_size * dist_.world
-            args.lr = 0.1 * global_batch / 256 if args.opt in ("sgd", "nesterov") else 1e-3
+            args.lr = 0.1 * global_batch / 256 if args.opt in SGD_NAMES else 1e-3
         torch.manual_seed(args.seed)
         model = timm.create_model(args.model, pretrained=args.pretrained,
                                   num_classes=self.train.num_classes,
@@ -286,7 +298,8 @@ class Trainer:
             self.net = torch.compile(self.net)
         self.rng = np.random.default_rng([args.seed, dist_.rank])
         self.epoch, self.step, self.best = 0, 0, -1.0
-        self.stop_requested = False
+        self.signalled = False  # set by the SIGTERM handler only
+        self.stop_agreed = False  # every rank's verdict at the last sync
         self.last_good: Optional[str] = None
         self.metrics_path = os.path.join(args.output, "metrics.jsonl")
         self.last_path = os.path.join(args.output, "last.pt")
@@ -296,13 +309,14 @@ class Trainer:
     def checkpoint(self, path: str) -> None:
         """All ranks call this: every rank's loader position goes into rank 0's file."""
         loaders = self.dist.gather(self.train.state_dict())
+        rngs = self.dist.gather(self.rng.bit_generator.state)
         if self.dist.main:
             save_atomic(dict(model=self.model.state_dict(),
                              ema=self.ema.module.state_dict() if self.ema else None,
                              optimizer=self.optimizer.state_dict(), epoch=self.epoch,
-                             step=self.step, best=self.best, loaders=loaders,
-                             rng=self.rng.bit_generator.state, args=vars(self.args)), path)
-            self.last_good = path
+                             step=self.step, best=self.best, loaders=loaders, rngs=rngs,
+                             args=vars(self.args)), path)
+        self.last_good = path
 
     def resume(self, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -315,7 +329,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
         self.train.load_state_dict(state["loaders"][self.dist.rank])
-        self.rng.bit_generator.state = state["rng"]
+        self.rng.bit_generator.state = state["rngs"][self.dist.rank]
         self.last_good = path
         if self.dist.main:
             logger.info("resumed from %s: epoch %d, step %d", path, self.epoch, self.step)
@@ -332,6 +346,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=done_before, desc=f"epoch {self.epoch}",
                    disable=not self.dist.main, dynamic_ncols=True)
         train.label_pooling_ms()
+        pooling_s = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         samples, wait_s, step_s = 0, 0.0, 0.0
@@ -364,11 +379,15 @@ class Trainer:
             tick = time.perf_counter()
             step_s += tick - fetched
             bar.update(1)
-            checkpoint_now = args.ckpt_every and self.step % args.ckpt_every == 0
-            if self.step % args.log_every == 0 or checkpoint_now:
+            # At the epoch's last step the end-of-epoch path evaluates and checkpoints.
+            mid_epoch = train.state_dict()["batches_done"] < steps
+            checkpoint_now = args.ckpt_every and self.step % args.ckpt_every == 0 and mid_epoch
+            if (self.step % args.log_every == 0 and mid_epoch) or checkpoint_now:
                 total_loss, total_samples, stop = self.sync(first_bad, loss_sum, samples)
+                pooling_s += train.label_pooling_ms() / 1e3
                 bar.set_postfix(loss=f"{total_loss / total_samples:.3f}",
-                                img_s=f"{samples / (tick - epoch_start):.0f}")
+                                img_s=f"{total_samples / (tick - epoch_start):.0f}",
+                                pooling=f"{100 * pooling_s / (tick - epoch_start):.2f}%")
                 if stop or checkpoint_now:
                     self.checkpoint(self.last_path)
                 if stop:
@@ -377,11 +396,12 @@ class Trainer:
         bar.close()
         self.sync(first_bad, loss_sum, samples)
         elapsed = time.perf_counter() - epoch_start
-        pooling_s = train.label_pooling_ms() / 1e3
+        pooling_s += train.label_pooling_ms() / 1e3
         total_loss, total_samples, wait_s, step_s, pooling_s, elapsed = self.dist.all_sum(
             [float(loss_sum), samples, wait_s, step_s, pooling_s, elapsed])
         world, done = self.dist.world, max(1, steps - done_before)
         busy_s = wait_s + step_s
+        total_samples, busy_s = max(1, total_samples), max(busy_s, 1e-9)
         return dict(train_loss=total_loss / total_samples,
                     images_per_s=total_samples / (elapsed / world),
                     data_wait_ms=1e3 * wait_s / world / done,
@@ -395,22 +415,39 @@ class Trainer:
         if bad_steps:
             self.fail_non_finite(min(bad_steps))
         total_loss, total_samples, stop = self.dist.all_sum(
-            [float(loss_sum), samples, float(self.stop_requested)])
-        self.stop_requested = stop > 0
-        return total_loss, total_samples, self.stop_requested
+            [float(loss_sum), samples, float(self.signalled)])
+        self.stop_agreed = stop > 0
+        return total_loss, total_samples, self.stop_agreed
 
     def mix(self, batch) -> tuple:
         images, rect = cutmix(batch.images, self.rng, self.args.cutmix_beta)
         if self.args.label_mode.startswith("localized"):
             store = self.train.store
-            targets = localized_cutmix_targets(
-                store.values, store.indices, batch.boxes, batch.flip, batch.sample_index,
-                rect, num_classes=store.num_classes,
-                single=self.args.label_mode == "localized_single")
+            with self.train.time_label_pooling():
+                values, indices, rows = store.values, store.indices, batch.sample_index
+                if values.device != rows.device:  # a host store: the batch's rows only
+                    host_rows = rows.cpu()
+                    values = values.index_select(0, host_rows).to(rows.device)
+                    indices = indices.index_select(0, host_rows).to(rows.device)
+                    rows = torch.arange(len(host_rows), device=rows.device)
+                targets = localized_cutmix_targets(
+                    values, indices, batch.boxes, batch.flip, rows, rect,
+                    num_classes=store.num_classes,
+                    single=self.args.label_mode == "localized_single")
         else:  # no localization: the classic area mix of the two targets
             share = (rect[2] - rect[0]) * (rect[3] - rect[1])
             targets = (1 - share) * batch.targets + share * batch.targets.flip(0)
         return images, targets
+
+    def share_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics everywhere, so every rank evaluates the saved model
+        (DDP syncs buffers only at the start of a forward pass)."""
+        if self.dist.world == 1:
+            return
+        models = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        for model in models:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
 
     def trace(self, batch) -> None:
         rows = self.dist.gather(batch.sample_index.tolist())
@@ -422,8 +459,9 @@ class Trainer:
         where = self.last_good or "none written yet"
         message = (f"non-finite loss at step {step} (epoch {self.epoch}); stopping. Last good "
                    f"checkpoint: {where}. Lower --lr or check the data, then --resume it.")
-        if self.dist.main:
-            logger.error(message)
+        if not self.dist.main:
+            raise SystemExit(1)
+        logger.error(message)
         raise SystemExit(message)
 
     def fit(self) -> Dict[str, float]:
@@ -441,6 +479,7 @@ class Trainer:
             evaluated = self.val is not None and (
                 (self.epoch + 1) % args.eval_every == 0 or self.epoch + 1 == args.epochs)
             if evaluated:
+                self.share_buffers()
                 eval_model = self.ema.module if self.ema is not None else self.model
                 record.update(evaluate(eval_model, self.val, self.real, self.dist, args.amp))
             record = dict(epoch=self.epoch, lr=lr, **record)
@@ -458,7 +497,8 @@ class Trainer:
                 logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in record.items()))
             last = record
-            if self.stop_requested:  # SIGTERM at the end of an epoch: it is saved
+            self.stop_agreed = self.dist.all_sum([float(self.signalled)])[0] > 0
+            if self.stop_agreed:  # SIGTERM at the end of an epoch: it is saved
                 if self.dist.main:
                     logger.info("stopped by SIGTERM after epoch %d; wrote %s", self.epoch - 1,
                                 self.last_path)
@@ -481,9 +521,11 @@ def demo_dataset(args: argparse.Namespace, dist_: Distributed) -> None:
     args.real_labels = args.real_labels or dataset.real_labels
 
 
-def summary(args: argparse.Namespace, record: Dict[str, float], seconds: float) -> str:
-    if not record:
-        return f"Stopped early; the checkpoint is {os.path.join(args.output, 'last.pt')}."
+def summary(args: argparse.Namespace, trainer: "Trainer", record: Dict[str, float],
+            seconds: float) -> str:
+    if trainer.stop_agreed or not record:
+        return (f"Stopped by SIGTERM at step {trainer.step} (epoch {trainer.epoch}); continue "
+                f"with --resume auto from {os.path.abspath(trainer.last_path)}.")
     parts = [f"Trained {args.model} for {args.epochs} epochs with {args.label_mode} targets in "
              f"{seconds / 60:.1f} min at {record['images_per_s']:.0f} images/s"]
     if "val_top1" in record:
@@ -502,16 +544,23 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     logging.basicConfig(level=logging.INFO if dist_.main else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
+    previous_handler = signal.getsignal(signal.SIGTERM)
     try:
         if args.data is None:
             demo_dataset(args, dist_)
         os.makedirs(args.output, exist_ok=True)
         trainer = Trainer(args, dist_)
-        signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+        signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "signalled", True))
         resume = args.resume
-        if resume == "auto":
-            resume = trainer.last_path if os.path.exists(trainer.last_path) else None
+        if resume == "auto":  # rank 0 decides, so all ranks resume or none does
+            found = [trainer.last_path if os.path.exists(trainer.last_path) else None]
+            if dist_.world > 1:
+                dist.broadcast_object_list(found, src=0)
+            resume = found[0]
         if resume:
+            if not os.path.exists(resume):
+                raise SystemExit(f"rank {dist_.rank} cannot read the checkpoint {resume}: "
+                                 "--output must be on a file system every node sees")
             trainer.resume(resume)
         if dist_.main:
             with open(os.path.join(args.output, "args.yaml"), "w", encoding="utf-8") as f:
@@ -521,9 +570,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
                         datetime.datetime.now().isoformat(timespec="seconds"))
         record = trainer.fit()
         if dist_.main:
-            logger.info(summary(args, record, time.perf_counter() - start))
+            logger.info(summary(args, trainer, record, time.perf_counter() - start))
         return record
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         dist_.close()
 
 

@@ -11,7 +11,10 @@
 #SBATCH --requeue
 set -euo pipefail
 
+# torchrun gives its workers 30 s after forwarding SIGTERM: with --log-every 20 a rank notices
+# the signal within 20 steps and writes last.pt well inside that.
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+output=output/relabel-r50
 srun torchrun \
     --nnodes="$SLURM_NNODES" --nproc_per_node=8 \
     --rdzv-backend=c10d --rdzv-endpoint="$head_node:29500" --rdzv-id="$SLURM_JOB_ID" \
@@ -19,4 +22,10 @@ srun torchrun \
     --data /data/imagenet/train --labelmaps /data/relabel_imagenet.h5 \
     --val-data /data/imagenet/val --real-labels /data/real.json \
     --model resnet50 --epochs 300 --batch-size 128 --amp --channels-last \
-    --output "output/relabel-r50" --resume auto --ckpt-every 2000
+    --output "$output" --resume auto --ckpt-every 2000 || true
+
+# Stopped before the last epoch (time limit, preemption): queue the job again; it resumes.
+if ! python -c "import sys, torch; s = torch.load('$output/last.pt', weights_only=False); \
+sys.exit(s['epoch'] < s['args']['epochs'])"; then
+    scontrol requeue "$SLURM_JOB_ID"
+fi
