@@ -444,7 +444,8 @@ def official_batches(loader: torch.utils.data.DataLoader, device: torch.device) 
 # (b) ReLabelLoader and (c) the bare-decode ceilings
 # ---------------------------------------------------------------------------------------------
 
-def relabel_batches(loader: ReLabelLoader) -> Iterator:
+def endless(loader) -> Iterator:
+    """Epoch after epoch of a loader (ReLabelLoader or DataLoader) as one stream of batches."""
     while True:
         yield from loader
 
@@ -476,11 +477,6 @@ class PILDecodeDataset(torch.utils.data.Dataset):
         with open(self.files[index], "rb") as f:
             image = Image.open(f).convert("RGB")
         return image.size
-
-
-def loader_batches(loader: torch.utils.data.DataLoader) -> Iterator:
-    while True:
-        yield from loader
 
 
 @pipeline_def
@@ -645,7 +641,7 @@ def run_method(name: str, data: Dict, args, device: torch.device) -> Dict:
     elif name == "relabel_loader":
         loader = ReLabelLoader(data["image_root"], data["store"], args.batch_size,
                                device=str(device), num_threads=args.threads, seed=args.seed)
-        batches = relabel_batches(loader)
+        batches = endless(loader)
     elif name == "dali_decode":
         order = np.random.default_rng(args.seed).permutation(len(files))
         loader = decode_pipeline(
@@ -658,7 +654,7 @@ def run_method(name: str, data: Dict, args, device: torch.device) -> Dict:
         loader = torch.utils.data.DataLoader(
             PILDecodeDataset(files), batch_size=args.batch_size, shuffle=True,
             num_workers=args.threads, drop_last=True, persistent_workers=True)
-        batches = loader_batches(loader)
+        batches = endless(loader)
     else:
         raise ValueError(f"unknown method {name!r}")
     try:
