@@ -10,12 +10,15 @@ the single file that holds those maps for a whole dataset, keeping the top-k cla
     /labels    int64    [N]            original single label, -1 if unknown
     /paths     utf-8    [N]            image path relative to the image root, '/' separated
     /classes   utf-8    [C]            class names, index order
+    /sizes     int32    [N, 2]         optional: each image's (height, width) as decoded
     attrs: format="dali-relabel-labelmaps", version=1, num_classes=C, topk=K, height=H,
            width=W, value_kind="logits", plus free-form provenance attributes.
 
 /values and /indices are contiguous by default so that readers can memory-map them: one copy
 in the page cache serves every process of a node. Files written by `LabelMapWriter` also keep
-a `/written` uint8 [N] mask (all ones once complete).
+a `/written` uint8 [N] mask (all ones once complete). /sizes lets a loader plan every crop
+window before decoding; its attribute `adjust_orientation` (0 or 1) says whether the sizes
+are those with the EXIF orientation applied. `add_sizes` adds it to an existing file.
 
 `write_labelmaps` writes a whole file at once, `LabelMapWriter` fills one in by rows (and
 resumes after an interruption), `LabelMapStore.open` validates and loads one, and
@@ -23,10 +26,10 @@ resumes after an interruption), `LabelMapStore.open` validates and loads one, an
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -35,6 +38,8 @@ import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from dali_relabel._utils import atomic_path, check_positive_int
 
 __all__ = [
     "FORMAT",
@@ -45,6 +50,7 @@ __all__ = [
     "LabelMapHeader",
     "LabelMapStore",
     "LabelMapWriter",
+    "add_sizes",
     "read_header",
     "write_labelmaps",
 ]
@@ -61,6 +67,8 @@ FORMAT_ATTRS = ("format", "version", "num_classes", "topk", "height", "width", "
 _GEOMETRY_ATTRS = ("num_classes", "topk", "height", "width")
 _DATASETS = ("values", "indices", "labels", "paths", "classes")
 _STRING = h5py.string_dtype("utf-8")
+_SIZES = "sizes"
+_ORIENTATION_ATTR = "adjust_orientation"
 _INT16_MAX_CLASSES = int(np.iinfo(np.int16).max)
 _SCAN_CHUNK_BYTES = 64 << 20
 _REPORTED_ROWS = 5
@@ -115,6 +123,8 @@ class LabelMapHeader:
         attrs: All root attributes as plain Python values.
         layout: Storage of "values" and "indices".
         file_size: Size of the file in bytes.
+        sizes_adjust_orientation: None when the file has no /sizes; else whether its image
+            sizes have the EXIF orientation applied.
     """
 
     path: str
@@ -126,6 +136,7 @@ class LabelMapHeader:
     attrs: dict[str, Any]
     layout: dict[str, DatasetLayout]
     file_size: int
+    sizes_adjust_orientation: bool | None = None
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -145,6 +156,11 @@ class _Rows(NamedTuple):
     indices: np.ndarray
     labels: np.ndarray
     paths: np.ndarray
+    sizes: np.ndarray | None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The datasets to write, by name (/sizes only when given)."""
+        return {name: array for name, array in self._asdict().items() if array is not None}
 
 
 def _plain(value: Any) -> Any:
@@ -167,9 +183,16 @@ def _index_dtype(num_classes: int) -> type:
     return np.int16 if num_classes <= _INT16_MAX_CLASSES else np.int32
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, found {value!r}")
+def _check_sizes(sizes: Any, num_rows: int) -> np.ndarray:
+    """Image sizes as int32 [n, 2] (height, width), each >= 1."""
+    sizes = _as_numpy(sizes)
+    if sizes.shape != (num_rows, 2) or not np.issubdtype(sizes.dtype, np.integer):
+        raise ValueError(f"sizes: expected an integer array [{num_rows}, 2] of image (height, "
+                         f"width), found {sizes.dtype} {sizes.shape}")
+    if sizes.size and (sizes.min() < 1 or sizes.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"sizes: expected image heights and widths >= 1, found "
+                         f"[{sizes.min()}, {sizes.max()}]")
+    return sizes.astype(np.int32)
 
 
 def _check_classes(classes: Sequence[str]) -> list[str]:
@@ -204,6 +227,7 @@ def _check_rows(
     *,
     num_classes: int,
     map_shape: tuple[int, int, int] | None = None,
+    sizes: Any = None,
 ) -> _Rows:
     """Validates a block of rows and converts it to the stored dtypes.
 
@@ -214,10 +238,11 @@ def _check_rows(
         paths: n relative image paths.
         num_classes: C.
         map_shape: Required (K, H, W), or None to accept the shape of `values`.
+        sizes (Tensor[n, 2] | ndarray | None): Image (height, width) of each row.
 
     Returns:
-        The rows as float16 values, int16/int32 indices, int64 labels and an object array of
-        paths.
+        The rows as float16 values, int16/int32 indices, int64 labels, an object array of
+        paths and int32 sizes (or None).
 
     Raises:
         ValueError: Naming the offending argument.
@@ -264,7 +289,8 @@ def _check_rows(
     if bad:
         raise ValueError(f"values: {bad} entries are NaN/inf or overflow float16 (|x| > 65504)")
     indices = indices.astype(_index_dtype(num_classes))
-    return _Rows(values16, indices, labels.astype(np.int64), paths)
+    sizes = None if sizes is None else _check_sizes(sizes, n)
+    return _Rows(values16, indices, labels.astype(np.int64), paths, sizes)
 
 
 def _create_datasets(
@@ -277,6 +303,8 @@ def _create_datasets(
     classes: list[str],
     compression: str | None,
     attrs: dict[str, Any],
+    with_sizes: bool = False,
+    adjust_orientation: bool = False,
 ) -> None:
     """Creates every dataset of the format at full size, and the root attributes."""
     shape = (num_rows, topk, height, width)
@@ -288,6 +316,9 @@ def _create_datasets(
     f.create_dataset("labels", shape=(num_rows,), dtype=np.int64)
     f.create_dataset("paths", shape=(num_rows,), dtype=_STRING)
     f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=_STRING)
+    if with_sizes:
+        f.create_dataset(_SIZES, shape=(num_rows, 2), dtype=np.int32)
+        f[_SIZES].attrs[_ORIENTATION_ATTR] = int(adjust_orientation)
     f.attrs.update({
         "format": FORMAT,
         "version": VERSION,
@@ -309,6 +340,8 @@ def write_labelmaps(
     classes: Sequence[str],
     *,
     compression: str | None = None,
+    sizes: Any = None,
+    adjust_orientation: bool = False,
     **attrs: str | int | float,
 ) -> None:
     """Writes a complete label-map file in one go.
@@ -327,6 +360,10 @@ def write_labelmaps(
         classes: C class names in index order.
         compression: None (contiguous, memory-mappable), "gzip" or "lzf" (chunked by row,
             for archiving).
+        sizes (Tensor[N, 2] | ndarray | None): Each image's (height, width) as decoded;
+            stored as /sizes so that loaders can plan crops without reading image headers.
+        adjust_orientation: Whether `sizes` have the EXIF orientation applied (as a loader
+            with adjust_orientation=True decodes them).
         **attrs: Provenance root attributes (str, int or float), e.g. annotator="...".
 
     Raises:
@@ -335,26 +372,50 @@ def write_labelmaps(
     classes = _check_classes(classes)
     _check_compression(compression)
     _check_attrs(attrs)
-    rows = _check_rows(values, indices, labels, paths, num_classes=len(classes))
+    rows = _check_rows(values, indices, labels, paths, num_classes=len(classes), sizes=sizes)
     num_rows, topk, height, width = rows.values.shape
     if num_rows == 0:
         raise ValueError("values: expected at least one row")
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w") as f:
-            _create_datasets(
-                f, num_rows=num_rows, topk=topk, height=height, width=width, classes=classes,
-                compression=compression, attrs=attrs,
-            )
-            for name, data in rows._asdict().items():
-                f[name][...] = data
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        _create_datasets(
+            f, num_rows=num_rows, topk=topk, height=height, width=width, classes=classes,
+            compression=compression, attrs=attrs, with_sizes=sizes is not None,
+            adjust_orientation=adjust_orientation,
+        )
+        for name, data in rows.arrays().items():
+            f[name][...] = data
     logger.info("wrote %s: %d label maps [%d, %d, %d]", path, num_rows, topk, height, width)
+
+
+def add_sizes(path: str | os.PathLike, sizes: Any, *, adjust_orientation: bool = False) -> None:
+    """Adds (or replaces) the /sizes dataset of an existing label-map file, safely.
+
+    The file is copied beside itself, the copy gets /sizes and is renamed onto `path`: an
+    interruption leaves the file as it was (the copy needs the file's size in free disk
+    space for a moment). Processes that have the old file memory-mapped keep reading it.
+
+    Args:
+        path: A complete label-map file.
+        sizes (Tensor[N, 2] | ndarray): Each row's image (height, width) as decoded.
+        adjust_orientation: Whether the sizes have the EXIF orientation applied.
+
+    Raises:
+        LabelMapError: The file is invalid.
+        ValueError: `sizes` is not [N, 2] of positive integers.
+    """
+    path = os.fspath(path)
+    header = read_header(path)
+    sizes = _check_sizes(sizes, header.num_rows)
+    with atomic_path(path) as tmp:
+        shutil.copy2(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            if _SIZES in f:
+                del f[_SIZES]
+            f.create_dataset(_SIZES, data=sizes)
+            f[_SIZES].attrs[_ORIENTATION_ATTR] = int(adjust_orientation)
+        read_header(tmp)
+    logger.info("%s: stored the sizes of %d images", path, header.num_rows)
 
 
 class LabelMapWriter:
@@ -381,6 +442,8 @@ class LabelMapWriter:
         width: W.
         classes: C class names in index order.
         compression: None (contiguous), "gzip" or "lzf" (chunked by row).
+        with_sizes: Also store /sizes; every `write` then passes the images' sizes.
+        adjust_orientation: Whether those sizes have the EXIF orientation applied.
         **attrs: Provenance root attributes (str, int or float).
 
     Raises:
@@ -400,11 +463,13 @@ class LabelMapWriter:
         width: int,
         classes: Sequence[str],
         compression: str | None = None,
+        with_sizes: bool = False,
+        adjust_orientation: bool = False,
         **attrs: str | int | float,
     ) -> None:
         for name, value in (("num_rows", num_rows), ("num_classes", num_classes),
                             ("topk", topk), ("height", height), ("width", width)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         classes = _check_classes(classes)
         if len(classes) != num_classes:
             raise ValueError(
@@ -417,6 +482,8 @@ class LabelMapWriter:
         self.num_rows = int(num_rows)
         self.num_classes = int(num_classes)
         self._map_shape = (int(topk), int(height), int(width))
+        self.with_sizes = bool(with_sizes)
+        self._adjust_orientation = bool(adjust_orientation)
         if os.path.exists(self.partial_path):
             self._file: h5py.File | None = self._reopen(classes)
         else:
@@ -432,6 +499,7 @@ class LabelMapWriter:
             _create_datasets(
                 f, num_rows=self.num_rows, topk=topk, height=height, width=width,
                 classes=classes, compression=compression, attrs={},
+                with_sizes=self.with_sizes, adjust_orientation=self._adjust_orientation,
             )
             f.create_dataset("written", data=np.zeros(self.num_rows, dtype=np.uint8))
             f.flush()
@@ -465,6 +533,11 @@ class LabelMapWriter:
                       for name, got, want in zip(names, found, expected) if got != want]
         if found_classes != classes:
             mismatches.append("different class names")
+        if (_SIZES in f) != self.with_sizes:
+            mismatches.append(f"/sizes {'present' if _SIZES in f else 'absent'}")
+        elif self.with_sizes and bool(f[_SIZES].attrs.get(_ORIENTATION_ATTR, 0)) != (
+                self._adjust_orientation):
+            mismatches.append("sizes of another adjust_orientation")
         if mismatches:
             f.close()
             raise LabelMapError(
@@ -494,6 +567,7 @@ class LabelMapWriter:
         indices: Any,
         labels: Any,
         paths: Sequence[str],
+        sizes: Any = None,
     ) -> None:
         """Writes rows (any set, any order; rewriting a row replaces it) and flushes.
 
@@ -506,6 +580,8 @@ class LabelMapWriter:
             indices (Tensor[n, K, H, W] | ndarray): Class indices in [0, C).
             labels (Tensor[n] | ndarray): Original labels in [-1, C).
             paths: n image paths relative to the image root.
+            sizes (Tensor[n, 2] | ndarray | None): The images' (height, width); required
+                exactly when the writer was made `with_sizes`.
 
         Raises:
             ValueError: An argument is invalid or the writer is closed.
@@ -518,8 +594,11 @@ class LabelMapWriter:
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise ValueError(f"rows: expected row ids in [0, {self.num_rows}), found "
                              f"[{rows.min()}, {rows.max()}]")
+        if (sizes is None) == self.with_sizes:
+            raise ValueError(f"sizes: {'required' if self.with_sizes else 'not expected'} "
+                             f"(the writer was made with with_sizes={self.with_sizes})")
         data = _check_rows(values, indices, labels, paths, num_classes=self.num_classes,
-                           map_shape=self._map_shape)
+                           map_shape=self._map_shape, sizes=sizes)
         if len(data.values) != len(rows):
             raise ValueError(f"values: expected {len(rows)} rows (one per row id), found "
                              f"{len(data.values)}")
@@ -531,7 +610,7 @@ class LabelMapWriter:
         runs = np.split(order, np.flatnonzero(steps != 1) + 1) if rows.size else []
         for run in runs:
             start = int(rows[run[0]])
-            for name, array in data._asdict().items():
+            for name, array in data.arrays().items():
                 self._file[name][start:start + len(run)] = array[run]
         self._file.flush()
         for run in runs:
@@ -657,6 +736,12 @@ def _read_header(f: h5py.File, path: str, *, complete: bool = True) -> LabelMapH
     written = _dataset(f, path, "written") if "written" in f else None
     if written is not None:
         expected_shapes.append((written, (num_rows,)))
+    sizes = _dataset(f, path, _SIZES) if _SIZES in f else None
+    if sizes is not None:
+        if sizes.dtype.kind not in "iu":
+            raise LabelMapError(f"{path}: dataset /sizes: expected an integer dtype, found "
+                                f"{sizes.dtype}")
+        expected_shapes.append((sizes, (num_rows, 2)))
     for ds, shape in expected_shapes:
         if ds.shape != shape:
             raise LabelMapError(f"{path}: dataset {ds.name}: expected shape {list(shape)} "
@@ -678,9 +763,17 @@ def _read_header(f: h5py.File, path: str, *, complete: bool = True) -> LabelMapH
         if unwritten:
             raise LabelMapError(f"{path}: dataset /written: {unwritten} of {num_rows} rows were "
                                 f"never written (incomplete file from an interrupted writer)")
+    if complete and sizes is not None:
+        bad = np.flatnonzero((sizes[()] < 1).any(axis=1))
+        if bad.size:
+            raise LabelMapError(f"{path}: dataset /sizes: {bad.size} rows hold a height or "
+                                f"width < 1, first rows {bad[:_REPORTED_ROWS].tolist()}; "
+                                f"rewrite it with `dali-relabel index`")
     return LabelMapHeader(
         path=path, num_rows=num_rows, num_classes=num_classes, topk=topk, height=height,
         width=width, attrs=attrs, layout=layout, file_size=file_size,
+        sizes_adjust_orientation=None if sizes is None else bool(
+            sizes.attrs.get(_ORIENTATION_ATTR, 0)),
     )
 
 
@@ -762,14 +855,15 @@ class LabelMapStore:
         labels: torch.Tensor,
         paths: list[str],
         classes: list[str],
+        sizes: torch.Tensor | None = None,
     ) -> None:
         self.path = header.path
         self.placement = placement
         self.header = header
         self.paths = paths
         self.classes = classes
-        self._tensors: dict[str, torch.Tensor] | None = {
-            "values": values, "indices": indices, "labels": labels
+        self._tensors: dict[str, torch.Tensor | None] | None = {
+            "values": values, "indices": indices, "labels": labels, "sizes": sizes
         }
 
     @classmethod
@@ -818,6 +912,8 @@ class LabelMapStore:
                 labels = torch.from_numpy(f["labels"][()].astype(np.int64))
                 paths = f["paths"].asstr()[()].tolist()
                 classes = f["classes"].asstr()[()].tolist()
+                sizes = (torch.from_numpy(f[_SIZES][()].astype(np.int32)) if _SIZES in f
+                         else None)
             except OSError as e:
                 raise LabelMapError(f"{path}: reading failed ({e}); the file is damaged") from e
         if placement == "pinned":
@@ -830,7 +926,7 @@ class LabelMapStore:
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             values, indices, labels = values.to(device), indices.to(device), labels.to(device)
         return cls(header=header, placement=placement, values=values, indices=indices,
-                   labels=labels, paths=paths, classes=classes)
+                   labels=labels, paths=paths, classes=classes, sizes=sizes)
 
     def _tensor(self, name: str) -> torch.Tensor:
         if self._tensors is None:
@@ -851,6 +947,17 @@ class LabelMapStore:
     def labels(self) -> torch.Tensor:
         """Original single labels, Tensor[N] int64, -1 if unknown."""
         return self._tensor("labels")
+
+    @property
+    def sizes(self) -> torch.Tensor | None:
+        """Each image's (height, width) as decoded, Tensor[N, 2] int32 on the CPU; None when
+        the file has no /sizes (`dali-relabel index` adds it)."""
+        return self._tensor("sizes")
+
+    @property
+    def sizes_adjust_orientation(self) -> bool | None:
+        """Whether `sizes` have the EXIF orientation applied (None without /sizes)."""
+        return self.header.sizes_adjust_orientation
 
     @property
     def num_classes(self) -> int:
