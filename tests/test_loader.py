@@ -249,16 +249,28 @@ def test_host_gather_path_equals_fused_gather(dataset):
     assert_close(cat(gathered, "targets"), cat(fused, "targets"), atol=0, rtol=0)
 
 
-def test_store_with_out_of_range_classes_is_refused(dataset, tmp_path):
+@pytest.mark.parametrize("dataset_name, value, message", [
+    pytest.param("indices", NUM_CLASSES, r"/indices holds class ids outside \[0, 10\) "
+                 r"\(first rows \[7, 12\]\)", id="class-out-of-range"),
+    pytest.param("values", float("nan"), r"/values holds NaN or inf \(first rows \[7, 12\]\)",
+                 id="nan-value"),
+    pytest.param("values", float("inf"), r"/values holds NaN or inf", id="inf-value"),
+])
+def test_store_with_bad_data_is_refused_naming_rows(dataset, tmp_path, dataset_name, value,
+                                                    message):
     import h5py
     import shutil
     root, store_path = dataset
     broken = tmp_path / "broken.h5"
     shutil.copy(store_path, broken)
     with h5py.File(broken, "r+") as f:
-        f["indices"][7, 0, 3, 3] = NUM_CLASSES
-    with pytest.raises(ValueError, match="'/indices' holds class ids in .*expected"):
+        for row in (7, 12):
+            f[dataset_name][row, 0, 3, 3] = value
+    with pytest.raises(ValueError, match=message + r".*dali-relabel info .* --full"):
         ReLabelLoader(root, broken, 2, device="cpu")
+    # An excluded bad row is not trained on, so it does not stop the run.
+    ReLabelLoader(root, broken, 2, device="cpu", exclude=[
+        LabelMapStore.open(broken).paths[row] for row in (7, 12)])
 
 
 def test_exclude_and_missing_files(dataset, tmp_path):
@@ -287,10 +299,11 @@ def test_exclude_and_missing_files(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    pytest.param(dict(batch_size=0), "batch_size must be an int >= 1", id="batch-size-0"),
+    pytest.param(dict(batch_size=0), "batch_size: expected a positive integer", id="batch-size-0"),
     pytest.param(dict(label_mode="soft"), "label_mode must be one of", id="unknown-label-mode"),
     pytest.param(dict(num_classes=1000), "num_classes=1000 (the model's) but", id="classes"),
-    pytest.param(dict(image_size=0), "image_size must be an int >= 1", id="image-size-0"),
+    pytest.param(dict(image_size=0), "image_size: expected a positive integer", id="image-size-0"),
+    pytest.param(dict(prefetch=0), "prefetch: expected a positive integer", id="prefetch-0"),
     pytest.param(dict(scale=(1.0, 0.08)), "scale must be (min, max)", id="scale-reversed"),
     pytest.param(dict(ratio=(4 / 3, 3 / 4)), "ratio must be (min, max)", id="ratio-reversed"),
     pytest.param(dict(hflip=1.5), "hflip must be a probability", id="hflip-above-1"),
@@ -399,3 +412,121 @@ def test_val_loader_matches_pil_and_covers_shards(dataset):
         labels.append(shard_labels)
         assert len(list(val)) == 4  # iterable again for the next evaluation
     assert sorted(torch.cat(labels).tolist()) == sorted(i % 3 for i in range(NUM_IMAGES))
+
+
+def indexed_copy(dataset, tmp_path) -> str:
+    """A copy of the dataset's store with /sizes, made as a user would: `dali-relabel index`."""
+    import shutil
+
+    from dali_relabel.cli import main
+    root, store_path = dataset
+    indexed = tmp_path / "indexed.h5"
+    shutil.copy(store_path, indexed)
+    assert main(["index", str(indexed), "--images", root]) == 0
+    return str(indexed)
+
+
+def test_sizes_from_the_store_or_the_headers_give_the_same_epoch(dataset, tmp_path, caplog):
+    root, store_path = dataset
+    kwargs = dict(device="cpu", image_size=24, seed=5, return_meta=True, num_threads=2)
+    with caplog.at_level("WARNING", logger="dali_relabel"):
+        from_headers = collect(ReLabelLoader(root, store_path, 6, **kwargs))
+    assert f"Run `dali-relabel index {store_path} --images {root}`" in caplog.text
+    indexed = indexed_copy(dataset, tmp_path)
+    store = LabelMapStore.open(indexed)
+    assert store.sizes_adjust_orientation is False
+    for row, path in enumerate(store.paths):
+        width, height = Image.open(os.path.join(root, path)).size
+        assert store.sizes[row].tolist() == [height, width]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dali_relabel"):
+        from_store = collect(ReLabelLoader(root, indexed, 6, **kwargs))
+    assert "dali-relabel index" not in caplog.text
+    for a, b in zip(from_headers, from_store, strict=True):
+        for field in ("sample_index", "boxes", "flip", "images", "targets"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0], ids=["images-shrunk", "images-enlarged"])
+def test_a_resized_copy_of_the_images_is_named(dataset, tmp_path, factor):
+    """/sizes recorded on the originals, images resized since: no window is decoded wrong."""
+    root, _ = dataset
+    indexed = indexed_copy(dataset, tmp_path)
+    resized = tmp_path / "resized"
+    for path in LabelMapStore.open(indexed).paths:
+        image = Image.open(os.path.join(root, path))
+        os.makedirs(resized / os.path.dirname(path), exist_ok=True)
+        image.resize((int(image.width * factor), int(image.height * factor))).save(
+            resized / path, quality=95)
+    loader = ReLabelLoader(resized, indexed, 6, device="cpu", image_size=16, num_threads=1)
+    with pytest.raises((ValueError, RuntimeError),
+                       match=r"n0000000\d/img_\d+\.JPEG .*(decodes as|is) \[.*planned .*"
+                             rf"dali-relabel index {indexed} --images {resized}"):
+        collect(loader)
+
+
+def test_a_bad_image_is_named_when_it_fails_to_decode(dataset, tmp_path):
+    root, _ = dataset
+    indexed = indexed_copy(dataset, tmp_path)
+    paths = LabelMapStore.open(indexed).paths
+    broken = tmp_path / "broken"
+    for path in paths:
+        os.makedirs(broken / os.path.dirname(path), exist_ok=True)
+        os.symlink(os.path.join(root, path), broken / path)
+    os.remove(broken / paths[3])
+    (broken / paths[3]).write_bytes(b"")
+    os.remove(broken / paths[17])
+    (broken / paths[17]).write_text("not an image\n")
+    loader = ReLabelLoader(broken, indexed, 30, device="cpu", image_size=16, num_threads=1)
+    with pytest.raises(RuntimeError) as info:
+        collect(loader)
+    message = str(info.value)
+    assert "2 image(s) failed to decode" in message
+    assert f"{paths[3]}: empty file" in message and f"{paths[17]}: decoding failed" in message
+    assert f"dali-relabel verify {broken} --labelmaps {indexed}" in message
+    # Without /sizes the headers are read at start, and the bad files are named there.
+    with pytest.raises(ValueError, match=rf"2 of 30 images .* no readable image header.*"
+                                         rf"{paths[3]}.*{paths[17]}.*dali-relabel verify"):
+        ReLabelLoader(broken, dataset[1], 30, device="cpu")
+
+
+def test_listed_paths_must_be_readable_regular_files(dataset, tmp_path):
+    root, store_path = dataset
+    paths = LabelMapStore.open(store_path).paths
+    odd = tmp_path / "odd"
+    for path in paths:
+        os.makedirs(odd / os.path.dirname(path), exist_ok=True)
+        os.symlink(os.path.join(root, path), odd / path)
+    os.remove(odd / paths[0])
+    os.mkdir(odd / paths[0])
+    os.remove(odd / paths[1])
+    os.symlink(tmp_path / "nowhere.JPEG", odd / paths[1])
+    with pytest.raises(FileNotFoundError,
+                       match=rf"2 of 30 images .*: {paths[0]} \(a directory\), "
+                             rf"{paths[1]} \(a dangling link\)"):
+        ReLabelLoader(odd, store_path, 2, device="cpu")
+
+
+@pytest.mark.parametrize("state, message", [
+    pytest.param([1, 2], "expected a mapping, got list", id="not-a-mapping"),
+    pytest.param(dict(batches_done=1), "'epoch' must be an int >= 0, found None",
+                 id="no-epoch"),
+    pytest.param(dict(epoch=-1, batches_done=1), "'epoch' must be an int >= 0", id="epoch<0"),
+    pytest.param(dict(epoch=1, batches_done="2"), "'batches_done' must be an int >= 0 and "
+                 "<= 5, found '2'", id="batches-done-str"),
+    pytest.param(dict(epoch=1, batches_done=6), "'batches_done' must be an int >= 0 and <= 5",
+                 id="past-the-epoch"),
+    pytest.param(dict(epoch=1, batches_done=1, num_samples=29), "num_samples: saved 29, now 30",
+                 id="other-data"),
+])
+def test_an_unusable_state_dict_is_refused(dataset, state, message):
+    root, store_path = dataset
+    loader = ReLabelLoader(root, store_path, 6, device="cpu", image_size=16, num_threads=1)
+    if isinstance(state, dict) and "num_samples" in state:
+        state = {**loader.state_dict(), **state}
+    with pytest.raises(ValueError, match=r"state_dict .*" + message.replace("(", r"\(")):
+        loader.load_state_dict(state)
+    # A state saved by an earlier version (with a DALI checkpoint) still gives the position.
+    old = {**loader.state_dict(), "epoch": 1, "batches_done": 4, "dali_checkpoint": "x"}
+    loader.load_state_dict(old)
+    assert len(collect(loader)) == 1

@@ -1,0 +1,185 @@
+"""The epoch plan: everything random about a training epoch, decided on the host up front.
+
+For each epoch the planner fixes the global order of the images (seeded by (seed, epoch), the
+same on every rank), this rank's slice of it, and for every sample its RandomResizedCrop
+window (torchvision's ``RandomResizedCrop.get_params``, rule for rule) and its horizontal
+flip (seeded by (seed, rank, epoch)). DALI then only reads and decodes what the plan says,
+and the crop boxes that drive LabelPooling are known before a single image is decoded. A
+position in the plan (epoch, batches done) is all it takes to resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CROP_ATTEMPTS", "EpochPlan", "EpochPlanner", "random_resized_crop_windows"]
+
+# torchvision's RandomResizedCrop tries this many windows before falling back to a centre crop.
+CROP_ATTEMPTS = 10
+
+
+def random_resized_crop_windows(sizes: np.ndarray, scale: tuple[float, float],
+                                ratio: tuple[float, float],
+                                rng: np.random.Generator) -> np.ndarray:
+    """torchvision's ``RandomResizedCrop.get_params`` for many images at once.
+
+    Per image: up to ten attempts draw an area fraction uniformly from `scale` and an aspect
+    ratio log-uniformly from `ratio`, round the width and height half to even (Python's
+    ``round``), and take the first window that fits, at a uniform position. When none fits,
+    the centre crop of the whole image with its aspect ratio clamped to `ratio`.
+
+    Args:
+        sizes (ndarray[n, 2]): Image (height, width) in pixels.
+        scale: Range of the window's area as a fraction of the image's.
+        ratio: Range of the window's aspect ratio (width / height).
+        rng: Source of randomness.
+
+    Returns:
+        ndarray[n, 4] int32: windows (y, x, h, w) in pixels, inside the image.
+    """
+    n = len(sizes)
+    height = sizes[:, 0].astype(np.float64)
+    width = sizes[:, 1].astype(np.float64)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    h_found, w_found = np.zeros(n), np.zeros(n)
+    found = np.zeros(n, dtype=bool)
+    pending = np.arange(n)
+    # Attempt by attempt, only for the images still without a window: most fit at once.
+    for _ in range(CROP_ATTEMPTS):
+        if not pending.size:
+            break
+        area = height[pending] * width[pending]
+        target_area = area * rng.uniform(scale[0], scale[1], size=pending.size)
+        aspect = np.exp(rng.uniform(log_ratio[0], log_ratio[1], size=pending.size))
+        w = np.rint(np.sqrt(target_area * aspect))
+        h = np.rint(np.sqrt(target_area / aspect))
+        fits = (w > 0) & (w <= width[pending]) & (h > 0) & (h <= height[pending])
+        done = pending[fits]
+        w_found[done], h_found[done], found[done] = w[fits], h[fits], True
+        pending = pending[~fits]
+    # torchvision: i = randint(0, H - h + 1), j = randint(0, W - w + 1).
+    y_found = np.floor(rng.random(n) * (height - h_found + 1))
+    x_found = np.floor(rng.random(n) * (width - w_found + 1))
+
+    in_ratio = width / height
+    too_tall, too_wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    w_center = np.where(too_wide, np.rint(height * max(ratio)), width)
+    h_center = np.where(too_tall, np.rint(width / min(ratio)), height)
+    windows = np.where(found[:, None],
+                       np.stack([y_found, x_found, h_found, w_found], axis=1),
+                       np.stack([(height - h_center) // 2, (width - w_center) // 2,
+                                 h_center, w_center], axis=1))
+    return windows.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """What one rank reads in one epoch, sample by sample, in order.
+
+    Attributes:
+        epoch: The epoch.
+        rows (ndarray[n]): int64 label-map rows (and /paths entries) in read order.
+        windows (ndarray[n, 4]): int32 crop windows (y, x, h, w) in pixels.
+        flips (ndarray[n]): bool, whether each crop is mirrored.
+        boxes (ndarray[n, 4]): float32 crop boxes (x1, y1, x2, y2), normalized to the image.
+        batch_size: Samples per batch; the last batch may be shorter.
+    """
+
+    epoch: int
+    rows: np.ndarray
+    windows: np.ndarray
+    flips: np.ndarray
+    boxes: np.ndarray
+    batch_size: int
+
+    def __len__(self) -> int:
+        """Batches in the plan."""
+        return -(-len(self.rows) // self.batch_size)
+
+    def batch(self, index: int) -> slice:
+        """The samples of batch `index`."""
+        assert 0 <= index < len(self), (index, len(self))
+        return slice(index * self.batch_size, (index + 1) * self.batch_size)
+
+    def skip(self, batches: int) -> EpochPlan:
+        """The plan without its first `batches` batches (what a resumed epoch has left)."""
+        start = batches * self.batch_size
+        return dataclasses.replace(self, rows=self.rows[start:], windows=self.windows[start:],
+                                   flips=self.flips[start:], boxes=self.boxes[start:])
+
+
+class EpochPlanner:
+    """Plans epochs: global order, this rank's shard, crop windows and flips.
+
+    Args:
+        sizes (ndarray[N, 2]): (height, width) of every image of the store, by row.
+        rows (ndarray[M]): int64 rows to train on (the store minus excluded images).
+        batch_size: Samples per batch and rank.
+        seed: Base seed: the order of an epoch is seeded by (seed, epoch), windows and flips
+            by (seed, shard_id, epoch).
+        shuffle: Reshuffle globally every epoch; else read `rows` in order.
+        shard_id: This rank's shard.
+        num_shards: Number of shards.
+        drop_last: Every shard the same number of full batches (else the shards together
+            cover every sample exactly once and the last batch may be short).
+        scale: RandomResizedCrop area range.
+        ratio: RandomResizedCrop aspect-ratio range.
+        hflip: Probability of a horizontal flip.
+    """
+
+    def __init__(self, sizes: np.ndarray, rows: np.ndarray, *, batch_size: int, seed: int,
+                 shuffle: bool, shard_id: int, num_shards: int, drop_last: bool,
+                 scale: tuple[float, float], ratio: tuple[float, float], hflip: float) -> None:
+        assert sizes.ndim == 2 and sizes.shape[1] == 2, sizes.shape
+        self.sizes = sizes
+        self.rows = rows
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shard_id = shard_id
+        self.num_shards = num_shards
+        self.drop_last = drop_last
+        self.scale = scale
+        self.ratio = ratio
+        self.hflip = hflip
+
+    @property
+    def shard_size(self) -> int:
+        """Samples this rank reads per epoch."""
+        total = len(self.rows)
+        if self.drop_last:
+            return (total // self.num_shards) // self.batch_size * self.batch_size
+        return len(range(self.shard_id, total, self.num_shards))
+
+    def __len__(self) -> int:
+        """Batches per epoch of this rank."""
+        return -(-self.shard_size // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Store rows this rank reads in `epoch`, in order: its slice of the global shuffle."""
+        total = len(self.rows)
+        order = (np.random.default_rng([self.seed, epoch]).permutation(total) if self.shuffle
+                 else np.arange(total))
+        return self.rows[order[self.shard_id::self.num_shards][:self.shard_size]]
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The whole plan of `epoch` for this rank."""
+        rows = self.order(epoch)
+        rng = np.random.default_rng([self.seed, self.shard_id, epoch])
+        sizes = self.sizes[rows]
+        windows = random_resized_crop_windows(sizes, self.scale, self.ratio, rng)
+        flips = rng.random(len(rows)) < self.hflip
+        y, x, h, w = (windows[:, i].astype(np.float32) for i in range(4))
+        height, width = (sizes[:, i].astype(np.float32) for i in range(2))
+        boxes = np.stack([x / width, y / height, (x + w) / width, (y + h) / height], axis=1)
+        return EpochPlan(epoch=epoch, rows=rows, windows=windows, flips=flips, boxes=boxes,
+                         batch_size=self.batch_size)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that fix the sample order: a saved position is only valid for them."""
+        return dict(num_samples=len(self.rows), batch_size=self.batch_size, seed=self.seed,
+                    shuffle=self.shuffle, shard_id=self.shard_id, num_shards=self.num_shards,
+                    drop_last=self.drop_last)
