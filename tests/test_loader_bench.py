@@ -45,8 +45,13 @@ def test_writes_positive_rates_for_every_method(loader_bench, bench_run):
         assert saved["methods"][name]["images_per_s"] > 0, name
     assert saved["dataset"]["source"] == "synthetic"
     assert saved["dataset"]["mean_jpeg_kb"] > 0
-    assert saved["summary"]["ratio_vs_official"] > 0
-    assert saved["summary"]["percent_of_ceiling"] > 0
+    summary = saved["summary"]
+    assert summary["ratio_vs_official"] > 0 and summary["percent_of_bare_decode"] > 0
+    plain = saved["methods"]["plain_dali"]["images_per_s"]
+    relabel = saved["methods"]["relabel_loader"]["images_per_s"]
+    assert summary["percent_of_plain"] == pytest.approx(100 * relabel / plain)
+    assert summary["relabel_cost_percent"] == pytest.approx(100 - summary["percent_of_plain"])
+    assert summary["plan_ms_imagenet"] > 0
     assert saved["machine"]["cpu_count"] >= 1
     assert result["methods"].keys() == saved["methods"].keys()
 
