@@ -86,8 +86,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GENERATOR = "dali_relabel.synthetic"
-# Part of the parameters (and so of the cache folder's name): bump when the images change.
-GENERATOR_VERSION = 2
+# Part of the parameters (and so of the cache folder's name): bump when the files change
+# (3: the label-map file records the image sizes).
+GENERATOR_VERSION = 3
 # Stored logit = LOGIT_SCALE * coverage of the cell by the class (see the module docstring).
 LOGIT_SCALE = 10.0
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "star")
@@ -379,7 +380,7 @@ def _build(folder: str, *, params: dict[str, Any], classes: list[str], progress:
     for split in _SPLITS:
         for name in classes:
             os.makedirs(os.path.join(folder, split, name))  # folder too, honouring the umask
-    values, indices, real_labels = [], [], []
+    values, indices, sizes, real_labels = [], [], [], []
     total = sum(len(files) for files in splits.values())
     with tqdm(total=total, desc="synthetic ImageNet", unit="img",
               disable=None if progress else True) as bar:
@@ -392,6 +393,7 @@ def _build(folder: str, *, params: dict[str, Any], classes: list[str], progress:
                                                    format="JPEG", quality=JPEG_QUALITY)
                 if split == "train":
                     value, index = _label_map(scene, num_classes=num_classes, topk=topk)
+                    sizes.append(scene.pixels.shape[:2])
                     values.append(value)
                     indices.append(index)
                 else:
@@ -400,7 +402,8 @@ def _build(folder: str, *, params: dict[str, Any], classes: list[str], progress:
     train = splits["train"]
     write_labelmaps(os.path.join(folder, _LABELMAPS), np.stack(values), np.stack(indices),
                     np.array([label for label, _ in train]), [path for _, path in train],
-                    classes, generator=GENERATOR, generator_version=GENERATOR_VERSION,
+                    classes, sizes=np.array(sizes), generator=GENERATOR,
+                    generator_version=GENERATOR_VERSION,
                     seed=params["seed"], parameters=json.dumps(params, sort_keys=True),
                     annotator="exact object coverage", logit_scale=LOGIT_SCALE,
                     value_definition=f"logit = {LOGIT_SCALE:g} * share of the cell covered")

@@ -231,8 +231,10 @@ def delete(path, name, attribute=False):
 
 
 def rewrite(path, name, data):
-    delete(path, name)
+    """Replaces (or adds) dataset `name`."""
     with h5py.File(path, "r+") as f:
+        if name in f:
+            del f[name]
         f.create_dataset(name, data=data)
 
 
@@ -252,6 +254,12 @@ CORRUPTIONS = {
                       "/indices: expected shape"),
     "narrow indices": (lambda p: rewrite(p, "indices", np.zeros((N, K, H, W), np.int8)),
                        "/indices: expected int16"),
+    "sizes shape": (lambda p: rewrite(p, "sizes", np.ones((N, 3), np.int32)),
+                    f"/sizes: expected shape \\[{N}, 2\\]"),
+    "float sizes": (lambda p: rewrite(p, "sizes", np.ones((N, 2), np.float32)),
+                    "/sizes: expected an integer dtype"),
+    "zero sizes": (lambda p: rewrite(p, "sizes", np.eye(N, 2, dtype=np.int32)[::-1]),
+                   r"/sizes: 12 rows hold a height or width < 1, first rows \[0, 1, 2, 3, 4\]"),
 }
 
 
@@ -405,3 +413,76 @@ def test_info_runs_as_module(good_file):
     assert result.returncode == 0, result.stderr
     assert f"rows (N):     {N}" in result.stdout
     assert "validation: ok (metadata)" in result.stdout
+
+
+def test_sizes_round_trip_and_are_optional(tmp_path, rows, good_file):
+    sizes = np.stack([np.arange(N) + 100, np.arange(N) + 200], axis=1)
+    path = tmp_path / "sized.h5"
+    write_labelmaps(path, **rows, classes=CLASSES, sizes=sizes, adjust_orientation=True)
+    with LabelMapStore.open(path) as store:
+        assert store.sizes.dtype == torch.int32 and store.sizes.tolist() == sizes.tolist()
+        assert store.sizes_adjust_orientation is True
+    with LabelMapStore.open(good_file) as store:  # written without: still valid
+        assert store.sizes is None and store.sizes_adjust_orientation is None
+
+
+@pytest.mark.parametrize("sizes, message", [
+    pytest.param(np.ones((N, 3), np.int64), rf"sizes: expected an integer array \[{N}, 2\]",
+                 id="shape"),
+    pytest.param(np.ones((N, 2)), "sizes: expected an integer array", id="float"),
+    pytest.param(np.zeros((N, 2), np.int64), "sizes: expected image heights and widths >= 1",
+                 id="zero"),
+])
+def test_write_refuses_bad_sizes(tmp_path, rows, sizes, message):
+    with pytest.raises(ValueError, match=message):
+        write_labelmaps(tmp_path / "x.h5", **rows, classes=CLASSES, sizes=sizes)
+    assert not os.listdir(tmp_path)
+
+
+def test_writer_with_sizes_needs_them_on_every_write_and_on_resume(tmp_path, rows):
+    path = tmp_path / "maps.h5"
+    sizes = np.full((N, 2), 7)
+    with LabelMapWriter(path, **writer_args(), with_sizes=True) as writer:
+        with pytest.raises(ValueError, match="sizes: required"):
+            write_some(writer, rows, np.arange(3))
+        ids = np.arange(N // 2)
+        writer.write(ids, rows["values"][ids], rows["indices"][ids], rows["labels"][ids],
+                     [rows["paths"][i] for i in ids], sizes=sizes[ids])
+    with pytest.raises(LabelMapError, match="/sizes present"):
+        LabelMapWriter(path, **writer_args())
+    with LabelMapWriter(path, **writer_args(), with_sizes=True) as writer:
+        ids = writer.missing()
+        writer.write(ids, rows["values"][ids], rows["indices"][ids], rows["labels"][ids],
+                     [rows["paths"][i] for i in ids], sizes=sizes[ids] + 1)
+    with LabelMapStore.open(path) as store:
+        assert store.sizes[: N // 2].eq(7).all() and store.sizes[N // 2:].eq(8).all()
+        assert store.sizes_adjust_orientation is False
+
+
+def test_add_sizes_in_place_keeps_the_maps(good_file, rows):
+    before = read_header(good_file)
+    store_module.add_sizes(good_file, np.full((N, 2), 3), adjust_orientation=False)
+    store_module.add_sizes(good_file, np.full((N, 2), 5), adjust_orientation=True)  # replaces
+    with LabelMapStore.open(good_file) as store:
+        assert store.sizes.eq(5).all() and store.sizes_adjust_orientation is True
+        assert_store_equals(store, rows)
+    assert read_header(good_file).provenance == before.provenance
+    assert sorted(os.listdir(os.path.dirname(good_file))) == [os.path.basename(good_file)]
+
+
+def test_add_sizes_interrupted_leaves_the_file_as_it_was(good_file):
+    """A file-size limit makes the copy fail part-way: the original stays, no temporary."""
+    before = open(good_file, "rb").read()
+    script = (
+        "import resource, signal, numpy as np\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, {len(before) // 2}))\n"
+        "from dali_relabel.store import add_sizes\n"
+        f"add_sizes({str(good_file)!r}, np.full(({N}, 2), 3))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode != 0, result.stderr
+    assert "no space left" in result.stderr or "File too large" in result.stderr, result.stderr
+    assert open(good_file, "rb").read() == before
+    assert sorted(os.listdir(os.path.dirname(good_file))) == [os.path.basename(good_file)]
+    with pytest.raises(ValueError, match=rf"sizes: expected an integer array \[{N}, 2\]"):
+        store_module.add_sizes(good_file, np.full((N + 1, 2), 3))
