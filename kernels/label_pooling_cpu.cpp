@@ -1,12 +1,23 @@
 // LabelPooling CPU kernel: sparse RoIAlign over top-k ReLabel label maps.
 //
 // ReLabel (Yun et al., "Re-labeling ImageNet", CVPR 2021) pools a label map with RoIAlign at
-// each random crop. RoIAlign is linear in the map and its sampling weights are separable, so
-// for every box and output bin we compute the weights a_y[h] and a_x[w] once and scatter the
-// K*H*W stored (class, value) pairs into the output row: the dense [C, H, W] map is never built.
-// The weights follow torchvision's roi_align (aligned=False) rule for rule: adaptive sampling
-// grid ceil(roi/S), roi size floored at one cell, samples beyond [-1, L] count zero, clamping at
-// the border, averaging by the sample count.
+// each random crop: the output is roi_align(D, [b, x1*W-0.5, y1*H-0.5, x2*W-0.5, y2*H-0.5],
+// (S, S), spatial_scale=1, sampling_ratio=-1, aligned=False) on the densified map D (a class
+// listed twice in a cell counts twice), then the mode's epilogue over all C classes.
+// RoIAlign is linear in the map and its sampling weights are separable, so for every box and
+// output bin we compute the weights a_y[h] and a_x[w] once and sum the (class, weight * value)
+// pairs under the bin's footprint per class: the dense [C, H, W] map is never built. The
+// weights follow torchvision's roi_align (aligned=False) rule for rule: adaptive sampling grid
+// ceil(roi/S), roi size floored at one cell, samples beyond [-1, L] count zero, clamping at the
+// border, averaging by the sample count.
+//
+// Softmax and argmax sum into per-thread scratch, then write the row in one pass without
+// reading it back: every unlisted class pools to 0, so the softmax is closed-form over the u
+// listed classes (m = max(0, max z), Z = (C - u) e^-m + sum e^(z - m)); the row is filled with
+// the unlisted classes' value and the u listed ones are patched in while it is still in cache.
+// A logits row needs no statistics: it is zeroed and summed into in place, which is faster than
+// tracking the listed classes when a row lists hundreds. One thread owns a row and sums in a
+// fixed order, so results are bit-identical across runs and thread counts.
 //
 // Why a C++ extension (and not numba or TorchScript): it is compiled once at install time
 // against the torch that runs it, reads float16/bfloat16 maps natively through c10 types,
@@ -73,17 +84,19 @@ void axis_weights(float start, float end, int length, int bins, float* weights, 
   }
 }
 
-// Per-thread scratch: the weights of one box and the set of classes one output row touched.
+// Per-thread scratch: the weights of one box, and the classes one output row touched with
+// their pooled values.
 struct Scratch {
   Scratch(int S, int H, int W, int64_t C, int64_t touched_capacity)
       : ay(static_cast<size_t>(S) * H), ax(static_cast<size_t>(S) * W), ylo(S), yhi(S),
-        xlo(S), xhi(S), stamp(C, -1) {
+        xlo(S), xhi(S), stamp(C, -1), pooled(C) {
     touched.reserve(touched_capacity);
     touched_values.reserve(touched_capacity);
   }
   std::vector<float> ay, ax;
   std::vector<int> ylo, yhi, xlo, xhi;
   std::vector<int64_t> stamp;  // stamp[c] == current row id <=> class c touched in this row
+  std::vector<float> pooled;   // pooled[c]: the row's logit of class c, valid where stamped
   std::vector<int64_t> touched;
   std::vector<float> touched_values;
 };
@@ -116,19 +129,21 @@ void softmax_epilogue(float* row, int64_t C, Scratch& s) {
   const int64_t n = static_cast<int64_t>(s.touched.size());
   float m = n < C ? 0.0f : -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) {
-    s.touched_values[i] = row[s.touched[i]];
+    s.touched_values[i] = s.pooled[s.touched[i]];
     m = std::max(m, s.touched_values[i]);
   }
   float* e = s.touched_values.data();
   for (int64_t i = 0; i < n; ++i) {
     e[i] = exp_nonpositive(e[i] - m);
   }
-  double z = static_cast<double>(C - n) * std::exp(static_cast<double>(-m));
+  // The C - n unlisted classes, of logit 0, make m >= 0. Without them m can be far below 0
+  // and e^-m infinite, so it is only taken when they exist.
+  double z = n < C ? static_cast<double>(C - n) * std::exp(static_cast<double>(-m)) : 0.0;
   for (int64_t i = 0; i < n; ++i) {
     z += e[i];
   }
   const float inv_z = static_cast<float>(1.0 / z);
-  std::fill(row, row + C, std::exp(-m) * inv_z);
+  std::fill(row, row + C, n < C ? std::exp(-m) * inv_z : 0.0f);
   for (int64_t i = 0; i < n; ++i) {
     row[s.touched[i]] = e[i] * inv_z;
   }
@@ -141,7 +156,7 @@ void argmax_epilogue(float* row, int64_t C, int64_t stamp_id, Scratch& s) {
   int64_t winner = C;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = s.touched[i];
-    const float v = row[c];
+    const float v = s.pooled[c];
     if (v > best || (v == best && c < winner)) {
       best = v;
       winner = c;
@@ -172,7 +187,7 @@ void label_pooling_impl(
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row = sample_index != nullptr ? sample_index[b] : b;
       const float* box = boxes + 4 * b;
-      // The box in label-map cells, as DESIGN.md's roi_align call: x * W - 0.5.
+      // The box in label-map cells, as the roi_align call above: x * W - 0.5.
       axis_weights(box[0] * W - 0.5f, box[2] * W - 0.5f, W, S, s.ax.data(), s.xlo.data(),
                    s.xhi.data());
       axis_weights(box[1] * H - 0.5f, box[3] * H - 0.5f, H, S, s.ay.data(), s.ylo.data(),
@@ -207,9 +222,9 @@ void label_pooling_impl(
                 } else if (s.stamp[c] != stamp_id) {
                   s.stamp[c] = stamp_id;
                   s.touched.push_back(c);
-                  out_row[c] = contribution;
+                  s.pooled[c] = contribution;
                 } else {
-                  out_row[c] += contribution;
+                  s.pooled[c] += contribution;
                 }
               }
             }

@@ -1,4 +1,10 @@
-"""label_pooling against the densify + torchvision roi_align reference (DESIGN.md)."""
+"""label_pooling (the C++ CPU kernel) against the densify + torchvision roi_align reference.
+
+The convention: label_pooling equals densifying each top-k map to [C, H, W] (a class listed twice
+in a cell counts twice), roi_align(D, [b, x1*W-0.5, y1*H-0.5, x2*W-0.5, y2*H-0.5], (S, S),
+spatial_scale=1, sampling_ratio=-1, aligned=False), then the mode's epilogue over all C classes;
+float32, within 1e-5 absolute before the softmax.
+"""
 import numpy as np
 import pytest
 import torch
@@ -22,7 +28,7 @@ EDGE_BOXES = torch.tensor([
 
 
 def assert_matches_reference(values, indices, boxes, **kwargs):
-    """Both outputs, compared with DESIGN.md's tolerance (1e-5 absolute before softmax)."""
+    """Both outputs, compared within 1e-5 absolute."""
     got = label_pooling(values, indices, boxes, **kwargs)
     want = reference_label_pooling(values, indices, boxes, **kwargs)
     assert got.dtype == torch.float32 and got.shape == want.shape
@@ -224,12 +230,81 @@ def test_bad_input_raises_value_error(op, build, message):
     assert message in str(info.value)
 
 
+def repeat_in_cell(values, indices):
+    indices[:, 1] = indices[:, 0]
+    return values, indices
+
+
+def same_classes_everywhere(values, indices):
+    # Every cell lists the same 3 classes: each class gathers pairs from the whole footprint.
+    indices[:] = torch.tensor([7, 3, 5], dtype=indices.dtype).view(1, 3, 1, 1)
+    return values, indices
+
+
+def repeat_in_cell_and_everywhere(values, indices):
+    indices[:, 1] = indices[:, 0]
+    indices[:, 2] = 11
+    return values, indices
+
+
+# Changes to 3-class-per-cell maps of 20 classes; the densified map sums repeated entries.
+REPEATED_CLASSES = [
+    pytest.param(repeat_in_cell, id="class-twice-in-a-cell"),
+    pytest.param(same_classes_everywhere, id="same-classes-in-every-cell"),
+    pytest.param(repeat_in_cell_and_everywhere, id="twice-in-a-cell-and-everywhere"),
+]
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_class_listed_twice_in_a_cell_counts_twice(mode):
-    values, indices = make_label_maps(4, 5, 50, dtype=torch.float32, seed=14)
-    indices[:, 1] = indices[:, 0]  # the densified map sums both entries
-    assert_matches_reference(values, indices, make_boxes(4, seed=15), num_classes=50,
-                             output_size=2, mode=mode)
+@pytest.mark.parametrize("output_size", [1, 2], ids=["S1", "S2"])
+@pytest.mark.parametrize("change", REPEATED_CLASSES)
+def test_repeated_classes_add_up(mode, output_size, change):
+    values, indices = change(*make_label_maps(4, 3, 20, dtype=torch.float32, seed=14))
+    boxes = torch.cat([make_boxes(3, seed=15), EDGE_BOXES[[0]]])
+    assert_matches_reference(values, indices, boxes, num_classes=20, output_size=output_size,
+                             mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_pair_a_different_class(mode):
+    """Adversarial map: all K*H*W pairs distinct, a whole-image box lists 1125 classes."""
+    gen = torch.Generator().manual_seed(16)
+    values = torch.randn(2, 5, 15, 15, generator=gen) * 4
+    indices = torch.randperm(3000, generator=gen)[:2250].view(2, 5, 15, 15).to(torch.int16)
+    boxes = torch.cat([EDGE_BOXES[[0]], make_boxes(1, seed=18)])
+    assert_matches_reference(values, indices, boxes, num_classes=3000, output_size=2, mode=mode)
+    assert_matches_reference(values, indices, boxes, num_classes=3000, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "argmax"])
+def test_every_class_listed_with_very_negative_logits(mode):
+    """u == C: no unlisted class of logit 0, and e^-m would overflow (even in float64)."""
+    values = torch.full((1, 3, 15, 15), -1000.0)
+    values[0, 1] = -900.0
+    indices = torch.arange(3, dtype=torch.int16).view(1, 3, 1, 1).expand(1, 3, 15, 15)
+    out = assert_matches_reference(values, indices.contiguous(), EDGE_BOXES[[0]], num_classes=3,
+                                   mode=mode)
+    assert out.argmax(-1).item() == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reruns_and_thread_counts_are_bit_identical(mode):
+    values, indices = make_label_maps(16, 5, 1000, seed=20)
+    values[:, 1] = values[:, 0]  # equal contributions: a changed summation order would show
+    boxes = torch.cat([make_boxes(12, seed=21), EDGE_BOXES[[0, 4, 7, 8]]])
+    sample_index = torch.randint(0, 16, (16,), generator=torch.Generator().manual_seed(22))
+    flip = torch.rand(16, generator=torch.Generator().manual_seed(23)) < 0.5
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for num_threads in (threads, threads, 1, 3):
+            torch.set_num_threads(num_threads)
+            runs.append(label_pooling(values, indices, boxes, num_classes=1000, output_size=3,
+                                      flip=flip, sample_index=sample_index, mode=mode))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        assert torch.equal(run, runs[0])
 
 
 def test_argmax_ties_and_negative_logits_follow_torch_argmax():
