@@ -39,16 +39,23 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 from timm.data.transforms import str_to_pil_interp
 from torch import nn
 from tqdm import tqdm
 
 import dali_relabel
-from dali_relabel.jobs import PARTIAL_SUFFIX, check_resumable, default_workers, utc_now
-from dali_relabel.loader import find_images, read_path_list
+from dali_relabel._utils import check_output_path, open_rgb_image
+from dali_relabel.jobs import (
+    PARTIAL_SUFFIX,
+    check_resumable,
+    default_workers,
+    unwritten_rows,
+    utc_now,
+)
+from dali_relabel.loader import find_images
 from dali_relabel.store import LabelMapStore, LabelMapWriter
+from dali_relabel.verify import read_path_list
 
 __all__ = ["FullyConvolutionalAnnotator", "annotate", "load_classifier"]
 
@@ -246,15 +253,14 @@ class _ImageFiles(torch.utils.data.Dataset):
         """(row, normalized pixels [3, S, S], "" or what went wrong reading the image).
 
         A bad image is reported as data, not raised in a worker process, so that the job
-        stops with one clear message naming the file.
+        stops with one clear message naming the file. Images of any size are decoded, as
+        `dali-relabel verify` and the loaders (DALI) decode them.
         """
         path = os.path.join(self.image_root, self.paths[i])
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB").resize((self.size, self.size), self.resample)
-        except OSError as e:
-            return int(self.rows[i]), torch.zeros(3, self.size, self.size), (
-                f"{path}: cannot read the image ({e})")
+            image = open_rgb_image(path).resize((self.size, self.size), self.resample)
+        except ValueError as e:
+            return int(self.rows[i]), torch.zeros(3, self.size, self.size), str(e)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
         return int(self.rows[i]), (pixels / 255.0 - self.mean) / self.std, ""
 
@@ -378,7 +384,7 @@ def annotate(
         num_workers = default_workers()
     elif num_workers < 0:
         raise ValueError(f"num_workers: expected >= 0, found {num_workers}")
-    image_root, out = os.fspath(image_root), os.fspath(out)
+    image_root, out = os.fspath(image_root), check_output_path(out, argument="out")
     if os.path.exists(out):
         raise ValueError(f"out: {out} exists; remove it or choose another path")
     paths, folders = find_images(image_root)
@@ -476,19 +482,24 @@ class _Job:
                             identity=self.identity)
             logger.info("%s: complete from an earlier run", path)
             return
+        todo = unwritten_rows(path + PARTIAL_SUFFIX, len(rows))
+        dataset = _ImageFiles(self.image_root, [self.paths[rows[i]] for i in todo], todo,
+                              **self.dataset_args)
+        # The workers are forked here, before the file is opened: forked processes inherit
+        # HDF5's lock on an open file, and would hold it for seconds after a kill -9.
+        batches = iter(torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda"))
         with self._writer(path, rows) as writer:
-            todo = writer.missing()
+            if not np.array_equal(writer.missing(), todo):
+                raise ValueError(f"{path}{PARTIAL_SUFFIX}: another process wrote to it while "
+                                 "this job started; one job per output file")
             if writer.num_written:
                 logger.info("%s: resuming, %d of %d images already done", path,
                             writer.num_written, len(rows))
-            dataset = _ImageFiles(self.image_root, [self.paths[rows[i]] for i in todo], todo,
-                                  **self.dataset_args)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                pin_memory=self.device.type == "cuda")
             with tqdm(total=len(rows), initial=writer.num_written, unit="img", desc=desc,
                       disable=None if self.progress else True) as bar:
-                for local, images, errors in loader:
+                for local, images, errors in batches:
                     bad = [error for error in errors if error]
                     if bad:
                         raise ValueError(

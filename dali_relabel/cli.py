@@ -16,7 +16,15 @@ from collections.abc import Sequence
 
 import torch
 
-from dali_relabel.store import LabelMapError, LabelMapStore, read_header
+from dali_relabel._utils import check_output_path
+from dali_relabel.store import (
+    LabelMapError,
+    LabelMapHeader,
+    open_h5,
+    read_header,
+    read_paths,
+    scan_file,
+)
 
 _SHOWN_CLASSES = 5
 _SHOWN_PATHS = 5
@@ -33,24 +41,23 @@ def _human_size(num_bytes: float) -> str:
     return f"{num_bytes / 1000:.1f} GB"
 
 
-def _print_info(store: LabelMapStore) -> None:
-    header = store.header
-    print(f"file:         {store.path} ({_human_size(header.file_size)})")
-    print(f"rows (N):     {len(store)}")
-    print(f"classes (C):  {store.num_classes}   first: "
-          f"{', '.join(store.classes[:_SHOWN_CLASSES])}"
-          f"{', ...' if store.num_classes > _SHOWN_CLASSES else ''}")
-    print(f"top-k (K):    {store.topk}")
-    print(f"map (H x W):  {store.height} x {store.width}")
+def _print_info(header: LabelMapHeader, labels: torch.Tensor, classes: list[str]) -> None:
+    print(f"file:         {header.path} ({_human_size(header.file_size)})")
+    print(f"rows (N):     {header.num_rows}")
+    print(f"classes (C):  {header.num_classes}   first: "
+          f"{', '.join(classes[:_SHOWN_CLASSES])}"
+          f"{', ...' if header.num_classes > _SHOWN_CLASSES else ''}")
+    print(f"top-k (K):    {header.topk}")
+    print(f"map (H x W):  {header.height} x {header.width}")
     for name, layout in header.layout.items():
         storage = ("contiguous (mmap-able)" if layout.contiguous
                    else f"chunked, {layout.compression or 'uncompressed'} (not mmap-able)")
         print(f"/{name + ':':12} {layout.dtype.name} {list(layout.shape)}  "
               f"{_human_size(layout.nbytes)} ({_human_size(layout.storage_bytes)} stored), "
               f"{storage}")
-    known = store.labels[store.labels >= 0]
+    known = labels[labels >= 0]
     print(f"labels:       {torch.unique(known).numel()} distinct, "
-          f"{len(store) - known.numel()} unknown (-1)")
+          f"{header.num_rows - known.numel()} unknown (-1)")
     print("provenance:" if header.provenance else "provenance:   none")
     for key, value in sorted(header.provenance.items()):
         print(f"  {key}: {value}")
@@ -58,11 +65,13 @@ def _print_info(store: LabelMapStore) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     try:
-        placement = "mmap" if read_header(args.file).mmappable else "memory"
-        with LabelMapStore.open(args.file, placement=placement) as store:
-            _print_info(store)
-            if args.full:
-                store.validate(full=True)
+        header = read_header(args.file)
+        with open_h5(args.file) as f:  # /labels and a few class names; never the maps
+            labels = torch.from_numpy(f["labels"][()].astype("int64"))
+            classes = f["classes"].asstr()[:_SHOWN_CLASSES].tolist()
+        _print_info(header, labels, classes)
+        if args.full:
+            scan_file(args.file)
     except LabelMapError as e:
         print(f"validation: FAILED: {e}")
         return 1
@@ -74,11 +83,10 @@ def _verify(args: argparse.Namespace) -> int:
     from dali_relabel.loader import find_images
     from dali_relabel.verify import verify_images, write_bad_list
 
+    check_output_path(args.out, argument="--out")
     if args.labelmaps:
-        try:  # memory-mapped: only /paths is read
-            placement = "mmap" if read_header(args.labelmaps).mmappable else "memory"
-            with LabelMapStore.open(args.labelmaps, placement=placement) as store:
-                paths = store.paths
+        try:  # only /paths is read
+            paths = read_paths(args.labelmaps)
         except LabelMapError as e:
             print(f"error: {e}")
             return 1

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import dali_relabel
+from dali_relabel._utils import check_output_path
 from dali_relabel.jobs import PARTIAL_SUFFIX, check_resumable, default_workers, utc_now
 from dali_relabel.loader import find_images
 from dali_relabel.store import LabelMapWriter
@@ -160,7 +161,8 @@ def import_pt(
         num_workers = default_workers()
     elif num_workers < 1:
         raise ValueError(f"num_workers: expected >= 1, found {num_workers}")
-    src, image_root, out = os.fspath(src), os.fspath(image_root), os.fspath(out)
+    src, image_root = os.fspath(src), os.fspath(image_root)
+    out = check_output_path(out, argument="out")
     if os.path.exists(out):
         raise ValueError(f"out: {out} exists; remove it or choose another path")
     maps = _find_maps(src)

@@ -14,12 +14,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import h5py
 import numpy as np
 
-from dali_relabel.store import LabelMapError
+from dali_relabel.store import LabelMapError, open_h5
 
-__all__ = ["PARTIAL_SUFFIX", "check_resumable", "default_workers", "read_name_list", "utc_now"]
+__all__ = ["PARTIAL_SUFFIX", "check_resumable", "default_workers", "read_name_list",
+           "unwritten_rows", "utc_now"]
 
 # LabelMapWriter keeps an unfinished file at f"{path}{PARTIAL_SUFFIX}".
 PARTIAL_SUFFIX = ".partial"
@@ -40,7 +40,8 @@ def default_workers() -> int:
 
 
 def read_name_list(path: str | os.PathLike, *, argument: str) -> list[str]:
-    """Names from a text file, one per line (blank lines and '#' comments skipped).
+    """Names from a text file, one per line; blank lines and lines that start with '#'
+    are skipped (a '#' elsewhere belongs to the name).
 
     Args:
         path: The file.
@@ -51,10 +52,10 @@ def read_name_list(path: str | os.PathLike, *, argument: str) -> list[str]:
     """
     try:
         with open(path, encoding="utf-8") as f:
-            names = [line.split("#", 1)[0].strip() for line in f]
+            names = [line.strip() for line in f]
     except OSError as e:
         raise ValueError(f"{argument} {path}: cannot read the file ({e.strerror or e})") from e
-    names = [name for name in names if name]
+    names = [name for name in names if name and not name.startswith("#")]
     if not names:
         raise ValueError(f"{argument} {path}: the file lists no names")
     return names
@@ -87,15 +88,14 @@ def check_resumable(
     if not os.path.exists(path):
         return None
     restart = f"delete {path} to start again, or rerun with the earlier settings"
-    try:
-        with h5py.File(path, "r") as f:
+    with open_h5(path) as f:  # a lock held by another process is reported as such
+        try:
             attrs = {key: _plain(value) for key, value in f.attrs.items()}
             stored = f["paths"].asstr()[()]
-            written = f["written"][()].astype(bool) if "written" in f else np.ones(
-                len(stored), dtype=bool)
-    except (OSError, KeyError) as e:
-        raise LabelMapError(f"{path}: cannot read the file left by an earlier run ({e}); "
-                            f"delete it to start again") from e
+            written = _written(f, len(stored))
+        except (OSError, KeyError) as e:
+            raise LabelMapError(f"{path}: cannot read the file left by an earlier run ({e}); "
+                                f"delete it to start again") from e
     changed = [f"{key}={attrs.get(key)!r} (now {value!r})" for key, value in identity.items()
                if attrs.get(key) != value]
     if changed:
@@ -111,6 +111,39 @@ def check_resumable(
         raise ValueError(f"{path}: {len(moved)} written rows belong to other images than "
                          f"now (the image folder changed); first: {first}; {restart}")
     return attrs
+
+
+def unwritten_rows(path: str | os.PathLike, num_rows: int) -> np.ndarray:
+    """The rows a writer's partial file still lacks (all when it does not exist), read
+    without keeping the file open: a job forks its loading workers before it opens the
+    file, since forked processes inherit HDF5's lock on it.
+
+    Args:
+        path: The partial file (checked with `check_resumable` first).
+        num_rows: Rows of the job.
+
+    Returns:
+        Row ids, ascending (int64).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return np.arange(num_rows)
+    with open_h5(path) as f:
+        try:
+            return np.flatnonzero(~_written(f, num_rows))
+        except (OSError, KeyError) as e:
+            raise LabelMapError(f"{path}: cannot read the file left by an earlier run ({e}); "
+                                f"delete it to start again") from e
+
+
+def _written(f: Any, num_rows: int) -> np.ndarray:
+    """The /written mask of an open file (all True for a finished file), as bool [N]."""
+    if "written" not in f:
+        return np.ones(num_rows, dtype=bool)
+    written = f["written"]
+    if written.shape != (num_rows,):
+        raise KeyError(f"/written holds {written.shape} rows, expected ({num_rows},)")
+    return written[()].astype(bool)
 
 
 def _plain(value: Any) -> Any:

@@ -27,6 +27,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from timm.data import ImageNetInfo
 
+from dali_relabel._utils import atomic_path, check_output_path, open_rgb_image
 from dali_relabel.loader import ReLabelLoader
 from dali_relabel.ops import label_pooling
 from dali_relabel.store import LabelMapStore, read_header
@@ -144,10 +145,8 @@ def show_labelmap(
         ValueError: A bad argument (named).
         LabelMapError: The label-map file is invalid.
     """
-    labelmaps, image_root, out = os.fspath(labelmaps), os.fspath(image_root), os.fspath(out)
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise ValueError(f"out: the folder {folder} does not exist")
+    labelmaps, image_root = os.fspath(labelmaps), os.fspath(image_root)
+    out = check_output_path(out, argument="out")
     if isinstance(num_crops, bool) or not isinstance(num_crops, int) or not 1 <= num_crops <= 8:
         raise ValueError(f"num_crops: expected 1 to 8, found {num_crops!r}")
     boxes = None if box is None else _check_box(box)
@@ -170,12 +169,8 @@ def _compute(store: LabelMapStore, index: int, image_root: str, *,
         raise ValueError(f"index: expected a row in [0, {len(store)}) of {labelmaps}, found "
                          f"{index!r}")
     path = store.paths[index]
-    image_file = os.path.join(image_root, path)
-    try:
-        with Image.open(image_file) as opened:
-            image = opened.convert("RGB")  # no EXIF orientation, as the loaders read it
-    except OSError as e:
-        raise ValueError(f"image_root: cannot read {image_file} ({e})") from e
+    # No EXIF orientation, as the loaders read it; any size, as they decode it.
+    image = open_rgb_image(os.path.join(image_root, path))
 
     values = store.values[index:index + 1].float()
     indices = store.indices[index:index + 1].long()
@@ -267,4 +262,5 @@ def _draw(shown: ShownLabelMap, image: Image.Image, crops: np.ndarray, names: li
         ax.set_title(f"crop {i + 1} target, top-{len(classes)} (box x1 y1 x2 y2 = {x1:.2f} "
                      f"{y1:.2f} {x2:.2f} {y2:.2f})", fontsize=10, color=color)
         ax.set_xlabel("probability", fontsize=9)
-    fig.savefig(out, dpi=90)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")

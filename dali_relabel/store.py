@@ -27,8 +27,11 @@ resumes after an interruption), `LabelMapStore.open` validates and loads one, an
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import math
 import os
+import resource
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dali_relabel._utils import atomic_path, check_positive_int
+from dali_relabel._utils import atomic_path, check_positive_int, check_relative_paths
 
 __all__ = [
     "FORMAT",
@@ -51,7 +54,10 @@ __all__ = [
     "LabelMapStore",
     "LabelMapWriter",
     "add_sizes",
+    "open_h5",
     "read_header",
+    "read_paths",
+    "scan_file",
     "write_labelmaps",
 ]
 
@@ -72,6 +78,13 @@ _ORIENTATION_ATTR = "adjust_orientation"
 _INT16_MAX_CLASSES = int(np.iinfo(np.int16).max)
 _SCAN_CHUNK_BYTES = 64 << 20
 _REPORTED_ROWS = 5
+# Room for HDF5's own metadata when estimating the bytes a write adds to a file.
+_METADATA_BYTES = 64 << 10
+# A variable-length string costs its bytes plus this in HDF5's global heap, which grows by
+# collections of at least _HEAP_COLLECTION bytes.
+_HEAP_OBJECT_BYTES = 16
+_HEAP_COLLECTION = 4096
+_UNLIMITED = resource.RLIM_INFINITY
 
 
 class LabelMapError(ValueError):
@@ -253,6 +266,8 @@ def _check_rows(
             f"values: expected a float array [N, K, H, W], found {values.dtype} {values.shape}"
         )
     n = values.shape[0]
+    if min(values.shape[1:]) < 1:
+        raise ValueError(f"values: expected [N, K, H, W] with K, H, W >= 1, found {values.shape}")
     if map_shape is not None and values.shape[1:] != map_shape:
         raise ValueError(
             f"values: expected [N, K, H, W] with (K, H, W) = {map_shape}, found {values.shape}"
@@ -270,9 +285,7 @@ def _check_rows(
     paths = np.array(list(paths), dtype=object)
     if paths.shape != (n,):
         raise ValueError(f"paths: expected {n} paths (one per row of values), found {len(paths)}")
-    for i, path in enumerate(paths):
-        if not isinstance(path, str) or not path or path.startswith("/"):
-            raise ValueError(f"paths[{i}]: expected a non-empty relative path, found {path!r}")
+    check_relative_paths(paths.tolist())
     if indices.size and (indices.min() < 0 or indices.max() >= num_classes):
         raise ValueError(
             f"indices: expected class indices in [0, {num_classes}), found "
@@ -306,18 +319,26 @@ def _create_datasets(
     with_sizes: bool = False,
     adjust_orientation: bool = False,
 ) -> None:
-    """Creates every dataset of the format at full size, and the root attributes."""
+    """Creates every dataset of the format at full size, and the root attributes.
+
+    Contiguous datasets get their file space at once (HDF5 allocates it lazily otherwise, at
+    the first write or flush): a full disk then fails here, before any row is marked
+    written, and later writes stay inside the file (see `_reserve`).
+    """
     shape = (num_rows, topk, height, width)
-    layout = {} if compression is None else {
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    contiguous = {"dcpl": dcpl}
+    layout = contiguous if compression is None else {
         "chunks": (1, topk, height, width), "compression": compression, "shuffle": True
     }
     f.create_dataset("values", shape=shape, dtype=np.float16, **layout)
     f.create_dataset("indices", shape=shape, dtype=_index_dtype(len(classes)), **layout)
-    f.create_dataset("labels", shape=(num_rows,), dtype=np.int64)
-    f.create_dataset("paths", shape=(num_rows,), dtype=_STRING)
+    f.create_dataset("labels", shape=(num_rows,), dtype=np.int64, **contiguous)
+    f.create_dataset("paths", shape=(num_rows,), dtype=_STRING, **contiguous)
     f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=_STRING)
     if with_sizes:
-        f.create_dataset(_SIZES, shape=(num_rows, 2), dtype=np.int32)
+        f.create_dataset(_SIZES, shape=(num_rows, 2), dtype=np.int32, **contiguous)
         f[_SIZES].attrs[_ORIENTATION_ATTR] = int(adjust_orientation)
     f.attrs.update({
         "format": FORMAT,
@@ -329,6 +350,68 @@ def _create_datasets(
         "value_kind": VALUE_KIND,
         **attrs,
     })
+
+
+def _heap_bytes(strings: Sequence[str]) -> int:
+    """At most the bytes that storing `strings` adds to HDF5's global heap."""
+    return _HEAP_COLLECTION + sum(len(text.encode("utf-8")) + _HEAP_OBJECT_BYTES
+                                  for text in strings)
+
+
+def _fixed_bytes(num_rows: int, topk: int, height: int, width: int, classes: list[str], *,
+                 compression: str | None, with_sizes: bool) -> int:
+    """At most the size of a new file before any path is stored (the uncompressed size of
+    the maps when compressed: an upper bound)."""
+    row = 8 + h5py.string_dtype().itemsize + (8 if with_sizes else 0) + 1  # + /written
+    cells = topk * height * width * (2 + np.dtype(_index_dtype(len(classes))).itemsize)
+    return (num_rows * (row + cells) + _heap_bytes(classes)
+            + len(classes) * h5py.string_dtype().itemsize + _METADATA_BYTES)
+
+
+def _space_problem(path: str, *, end: int, growth: int) -> str | None:
+    """Why `path` cannot grow by `growth` bytes to a size of `end` bytes, or None if it can.
+
+    Checked before HDF5 writes: HDF5 does not recover from a failed write (the file is left
+    inconsistent, and the library may crash at exit).
+    """
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != _UNLIMITED and end > limit:
+        return (f"no space left for the file: {end} bytes would exceed the file-size limit "
+                f"(ulimit -f) of {limit} bytes")
+    stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    free = stat.f_bavail * stat.f_frsize
+    if growth > free:
+        return f"no space left on device ({growth} more bytes needed, {free} free)"
+    return None
+
+
+def _reserve(path: str, size: int) -> None:
+    """Gives the first `size` bytes of `path` their disk blocks, so that writing into them
+    cannot fail for lack of space (HDF5's early allocation leaves a sparse file).
+
+    Raises:
+        LabelMapError: No space left (or the file-size limit reached).
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG):
+            return  # the file system cannot reserve space; writes find out instead
+        raise LabelMapError(f"{path}: no space left for the file's {size} bytes "
+                            f"({e.strerror})") from e
+    finally:
+        os.close(fd)
+
+
+def _write_failure(path: str, error: BaseException) -> str:
+    """One line on an HDF5 write error (its messages run over several lines)."""
+    text = str(error)
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
+            sign in text for sign in ("errno = 28", "errno = 27", "No space left",
+                                      "File too large")):
+        return f"{path}: writing failed: no space left on device (or the file-size limit)"
+    return f"{path}: writing failed ({text.splitlines()[0] if text else type(error).__name__})"
 
 
 def write_labelmaps(
@@ -377,12 +460,19 @@ def write_labelmaps(
     if num_rows == 0:
         raise ValueError("values: expected at least one row")
     path = os.fspath(path)
+    size = _fixed_bytes(num_rows, topk, height, width, classes, compression=compression,
+                        with_sizes=sizes is not None) + _heap_bytes(rows.paths)
+    problem = _space_problem(path, end=size, growth=size)
+    if problem:
+        raise LabelMapError(f"{path}: {problem}")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         _create_datasets(
             f, num_rows=num_rows, topk=topk, height=height, width=width, classes=classes,
             compression=compression, attrs=attrs, with_sizes=sizes is not None,
             adjust_orientation=adjust_orientation,
         )
+        f.flush()
+        _reserve(tmp, f.id.get_filesize())
         for name, data in rows.arrays().items():
             f[name][...] = data
     logger.info("wrote %s: %d label maps [%d, %d, %d]", path, num_rows, topk, height, width)
@@ -407,6 +497,10 @@ def add_sizes(path: str | os.PathLike, sizes: Any, *, adjust_orientation: bool =
     path = os.fspath(path)
     header = read_header(path)
     sizes = _check_sizes(sizes, header.num_rows)
+    growth = header.file_size + sizes.nbytes + _METADATA_BYTES
+    problem = _space_problem(path, end=growth, growth=growth)
+    if problem:
+        raise LabelMapError(f"{path}: {problem}")
     with atomic_path(path) as tmp:
         shutil.copy2(path, tmp)
         with h5py.File(tmp, "r+") as f:
@@ -488,14 +582,34 @@ class LabelMapWriter:
             self._file: h5py.File | None = self._reopen(classes)
         else:
             self._file = self._create(classes, compression)
-        self._file.attrs.update(attrs)
-        self._written = self._file["written"][()].astype(bool)
+        try:
+            problem = _space_problem(self.partial_path, end=self._file.id.get_filesize()
+                                     + _METADATA_BYTES, growth=_METADATA_BYTES)
+            if problem:
+                raise LabelMapError(f"{self.partial_path}: {problem}")
+            self._file.attrs.update(attrs)
+            self._file.flush()
+            _reserve(self.partial_path, self._file.id.get_filesize())
+            self._written = self._file["written"][()].astype(bool)
+            # Every written row's path, to refuse a path given to two rows when it is
+            # written rather than when the finished file is opened.
+            stored = self._file["paths"].asstr()[()] if self._written.any() else []
+            self._row_of_path = {stored[row]: int(row) for row in np.flatnonzero(self._written)}
+        except BaseException:
+            self._file.close()
+            self._file = None
+            raise
         logger.info("%s: %d of %d rows written", self.partial_path, self.num_written, num_rows)
 
     def _create(self, classes: list[str], compression: str | None) -> h5py.File:
-        f = h5py.File(self.partial_path, "w")
+        topk, height, width = self._map_shape
+        size = _fixed_bytes(self.num_rows, topk, height, width, classes,
+                            compression=compression, with_sizes=self.with_sizes)
+        problem = _space_problem(self.partial_path, end=size, growth=size)
+        if problem:
+            raise LabelMapError(f"{self.partial_path}: {problem}; nothing was written")
+        f = open_h5(self.partial_path, "w")
         try:
-            topk, height, width = self._map_shape
             _create_datasets(
                 f, num_rows=self.num_rows, topk=topk, height=height, width=width,
                 classes=classes, compression=compression, attrs={},
@@ -512,12 +626,11 @@ class LabelMapWriter:
     def _reopen(self, classes: list[str]) -> h5py.File:
         restart = f"delete {self.partial_path} to restart"
         try:
-            f = h5py.File(self.partial_path, "r+")
-        except OSError as e:
-            raise LabelMapError(
-                f"{self.partial_path}: the partial file is unreadable ({e}), probably damaged "
-                f"by an interrupted write; {restart}"
-            ) from e
+            f = open_h5(self.partial_path, "r+")
+        except LabelMapError as e:
+            if _is_lock_error(e.__cause__):
+                raise
+            raise LabelMapError(f"{e}, probably damaged by an interrupted write; {restart}") from e
         try:
             header = _read_header(f, self.partial_path, complete=False)
             if "written" not in f:
@@ -597,26 +710,50 @@ class LabelMapWriter:
         if (sizes is None) == self.with_sizes:
             raise ValueError(f"sizes: {'required' if self.with_sizes else 'not expected'} "
                              f"(the writer was made with with_sizes={self.with_sizes})")
+        order = np.argsort(rows, kind="stable")
+        steps = np.diff(rows[order])
+        if np.any(steps == 0):
+            raise ValueError("rows: row ids must be distinct")
         data = _check_rows(values, indices, labels, paths, num_classes=self.num_classes,
                            map_shape=self._map_shape, sizes=sizes)
         if len(data.values) != len(rows):
             raise ValueError(f"values: expected {len(rows)} rows (one per row id), found "
                              f"{len(data.values)}")
-        order = np.argsort(rows, kind="stable")
-        steps = np.diff(rows[order])
-        if np.any(steps == 0):
-            raise ValueError("rows: row ids must be distinct")
+        rewritten = {int(row): self._file["paths"].asstr()[row]
+                     for row in rows[self._written[rows]]}
+        for row, path in zip(rows.tolist(), data.paths):
+            other = self._row_of_path.get(path)
+            if other is not None and other != row and other not in rewritten:
+                raise ValueError(f"paths: {path!r} of row {row} is already the path of row "
+                                 f"{other}; paths must be unique")
+        growth = _heap_bytes(data.paths)
+        if self._file["values"].chunks is not None:  # compressed: at most the raw bytes
+            growth += data.values.nbytes + data.indices.nbytes
+        problem = _space_problem(
+            self.partial_path, end=self._file.id.get_filesize() + growth + _METADATA_BYTES,
+            growth=growth + _METADATA_BYTES)
+        if problem:
+            raise LabelMapError(
+                f"{self.partial_path}: {problem}; the {self.num_written} of {self.num_rows} "
+                f"rows written so far are kept: make room and rerun to continue")
         # The sorted row ids split into runs of consecutive ids, each written as one slice.
         runs = np.split(order, np.flatnonzero(steps != 1) + 1) if rows.size else []
-        for run in runs:
-            start = int(rows[run[0]])
-            for name, array in data.arrays().items():
-                self._file[name][start:start + len(run)] = array[run]
-        self._file.flush()
-        for run in runs:
-            start = int(rows[run[0]])
-            self._file["written"][start:start + len(run)] = 1
-        self._file.flush()
+        try:
+            for run in runs:
+                start = int(rows[run[0]])
+                for name, array in data.arrays().items():
+                    self._file[name][start:start + len(run)] = array[run]
+            self._file.flush()
+            for run in runs:
+                start = int(rows[run[0]])
+                self._file["written"][start:start + len(run)] = 1
+            self._file.flush()
+        except (OSError, RuntimeError) as e:
+            raise LabelMapError(f"{_write_failure(self.partial_path, e)}; rerun to continue "
+                                f"from the rows written before") from e
+        for old_path in rewritten.values():
+            self._row_of_path.pop(old_path, None)
+        self._row_of_path.update(zip(data.paths, rows.tolist()))
         self._written[rows] = True
 
     def close(self) -> None:
@@ -644,13 +781,35 @@ class LabelMapWriter:
         self.close()
 
 
-def _open_h5(path: str) -> h5py.File:
-    if not os.path.isfile(path):
+def _is_lock_error(error: BaseException | None) -> bool:
+    """Whether an error from opening an HDF5 file means another process holds its lock."""
+    return isinstance(error, OSError) and (
+        error.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in str(error))
+
+
+def open_h5(path: str, mode: str = "r") -> h5py.File:
+    """Opens an HDF5 file with h5py, with errors that name the file and say what to do.
+
+    Args:
+        path: The file.
+        mode: h5py's mode: "r", "r+" or "w".
+
+    Raises:
+        LabelMapError: The file is missing (modes "r", "r+"), locked by another process (a
+            running job, or the loader workers of one just killed: HDF5 locks a file while
+            it is open, and forked processes inherit the lock), or not HDF5.
+    """
+    if mode != "w" and not os.path.isfile(path):
         raise LabelMapError(f"{path}: no such file")
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, mode)
     except OSError as e:
-        raise LabelMapError(f"{path}: not a readable HDF5 file ({e})") from e
+        if _is_lock_error(e):
+            raise LabelMapError(
+                f"{path}: is locked by another process (a running job, or workers of one "
+                f"that was just killed); wait for it to finish, then rerun") from e
+        raise LabelMapError(f"{path}: not a readable HDF5 file "
+                            f"({str(e).splitlines()[0] if str(e) else e})") from e
 
 
 def _layout(ds: h5py.Dataset) -> DatasetLayout:
@@ -675,14 +834,103 @@ def _dataset(f: h5py.File, path: str, name: str) -> h5py.Dataset:
     return ds
 
 
+def _available_memory() -> int:
+    """Bytes of memory this process can still get: the kernel's MemAvailable, less when a
+    cgroup (container) limit is lower."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            used = int(f.read())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _check_memory(path: str, name: str, num_bytes: int, *, advice: str = "") -> None:
+    """Refuses to read `num_bytes` of dataset /`name` when the memory is not there."""
+    available = _available_memory()
+    if num_bytes > available:
+        raise LabelMapError(f"{path}: dataset /{name}: reading it needs {num_bytes} bytes of "
+                            f"memory, {available} are available{advice}")
+
+
+def _string_bytes(ds: h5py.Dataset) -> int:
+    """About the memory a dataset takes once read (Python strings for string data)."""
+    per_item = 64 if h5py.check_string_dtype(ds.dtype) is not None else ds.dtype.itemsize
+    return ds.size * per_item
+
+
+def _check_stored(path: str, name: str, ds: h5py.Dataset, file_size: int, *,
+                  required: bool) -> None:
+    """Checks that a dataset's declared shape is backed by data in the file, so that a
+    small file cannot make a reader allocate what it declares.
+
+    Args:
+        path: The file, for messages.
+        name: The dataset's name.
+        ds: The dataset.
+        file_size: The file's size in bytes.
+        required: Whether every element must have been written (a complete file); else
+            unallocated data is allowed (a writer's partial file).
+
+    Raises:
+        LabelMapError: Naming the file and the dataset.
+    """
+    plist = ds.id.get_create_plist()
+    storage = plist.get_layout()
+    if storage not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED, h5py.h5d.COMPACT) or (
+            plist.get_external_count()):
+        raise LabelMapError(f"{path}: dataset /{name}: stored outside the file (external or "
+                            f"virtual storage), which label-map files do not use")
+    if storage == h5py.h5d.COMPACT:  # held in the object header: at most 64 kB
+        return
+    if storage == h5py.h5d.CONTIGUOUS:
+        offset = ds.id.get_offset()
+        if offset is None:
+            if required:
+                raise LabelMapError(f"{path}: dataset /{name}: no data stored (never written)")
+            return
+        end = offset + ds.size * ds.dtype.itemsize
+        if end > file_size:
+            raise LabelMapError(f"{path}: dataset /{name}: data ends at byte {end} but the file "
+                                f"has {file_size} bytes (truncated file, or a shape "
+                                f"{list(ds.shape)} the data does not fill)")
+        return
+    expected = math.prod(-(-size // chunk) for size, chunk in zip(ds.shape, ds.chunks))
+    stored = ds.id.get_num_chunks()
+    if required and stored < expected:
+        raise LabelMapError(f"{path}: dataset /{name}: {stored} of {expected} chunks stored "
+                            f"(shape {list(ds.shape)}): rows without data (never written, "
+                            f"or a shape the data does not fill)")
+
+
 def _read_header(f: h5py.File, path: str, *, complete: bool = True) -> LabelMapHeader:
-    """Runs the cheap checks on an open file and returns its header.
+    """Runs the cheap checks on an open file and returns its header (see
+    `_read_header_and_paths`)."""
+    return _read_header_and_paths(f, path, complete=complete)[0]
+
+
+def _read_header_and_paths(f: h5py.File, path: str, *,
+                           complete: bool = True) -> tuple[LabelMapHeader, list[str] | None]:
+    """Runs the cheap checks on an open file; returns its header and, for a complete file,
+    its checked /paths (reading N strings is cheap, and a file is input, not trusted).
 
     Args:
         f: The open file.
         path: The file's path, for messages.
-        complete: False for a writer's partial file: rows may be unwritten and contiguous
-            data may not be allocated yet.
+        complete: False for a writer's partial file: rows may be unwritten and data may not
+            be allocated yet; /paths is then neither checked nor returned.
 
     Raises:
         LabelMapError: Naming the file, the dataset or attribute, and the problem.
@@ -748,16 +996,16 @@ def _read_header(f: h5py.File, path: str, *, complete: bool = True) -> LabelMapH
                                 f"(N={num_rows}, C={num_classes}), found {list(ds.shape)}")
 
     file_size = os.path.getsize(path)
+    stored = {"values": values, "indices": indices, "labels": labels, "paths": paths,
+              "classes": classes, "written": written, _SIZES: sizes}
+    for name, ds in stored.items():
+        if ds is not None:
+            # A writer creates /classes and /written complete.
+            _check_stored(path, name, ds, file_size,
+                          required=complete or name in ("classes", "written"))
+            if name not in ("values", "indices"):  # read whole by readers
+                _check_memory(path, name, _string_bytes(ds))
     layout = {"values": _layout(values), "indices": _layout(indices)}
-    for name, ds in (("values", values), ("indices", indices)):
-        if not complete or ds.chunks is not None:
-            continue
-        if layout[name].offset is None:
-            raise LabelMapError(f"{path}: dataset /{name}: no data stored (never written)")
-        end = layout[name].offset + layout[name].nbytes
-        if end > file_size:
-            raise LabelMapError(f"{path}: dataset /{name}: data ends at byte {end} but the file "
-                                f"has {file_size} bytes (truncated file)")
     if complete and written is not None:
         unwritten = num_rows - int(np.count_nonzero(written[()]))
         if unwritten:
@@ -769,19 +1017,28 @@ def _read_header(f: h5py.File, path: str, *, complete: bool = True) -> LabelMapH
             raise LabelMapError(f"{path}: dataset /sizes: {bad.size} rows hold a height or "
                                 f"width < 1, first rows {bad[:_REPORTED_ROWS].tolist()}; "
                                 f"rewrite it with `dali-relabel index`")
-    return LabelMapHeader(
+    image_paths = None
+    if complete:
+        image_paths = paths.asstr()[()].tolist()
+        try:
+            check_relative_paths(image_paths, name=f"{path}: dataset /paths")
+        except ValueError as e:
+            raise LabelMapError(str(e)) from e
+    header = LabelMapHeader(
         path=path, num_rows=num_rows, num_classes=num_classes, topk=topk, height=height,
         width=width, attrs=attrs, layout=layout, file_size=file_size,
         sizes_adjust_orientation=None if sizes is None else bool(
             sizes.attrs.get(_ORIENTATION_ATTR, 0)),
     )
+    return header, image_paths
 
 
 def read_header(path: str | os.PathLike) -> LabelMapHeader:
     """Validates a label-map file's metadata without loading its data.
 
-    Checks format, version, attributes, datasets, dtypes, shapes, that contiguous data lies
-    within the file and that every row was written.
+    Checks format, version, attributes, datasets, dtypes, shapes, that every dataset's
+    declared shape is backed by data in the file, that every row was written and that
+    /paths holds unique, relative, normalized paths (see `relative_path_problem`).
 
     Args:
         path: The file.
@@ -793,9 +1050,92 @@ def read_header(path: str | os.PathLike) -> LabelMapHeader:
         LabelMapError: Naming the file, the dataset or attribute, and the problem.
     """
     path = os.fspath(path)
-    with _open_h5(path) as f:
+    with open_h5(path) as f:
         try:
             return _read_header(f, path)
+        except OSError as e:
+            raise LabelMapError(f"{path}: reading the metadata failed ({e})") from e
+
+
+def _check_placement_memory(header: LabelMapHeader, placement: str,
+                            device: str | torch.device | None) -> None:
+    """Refuses to load /values and /indices where there is no room for them."""
+    num_bytes = sum(layout.nbytes for layout in header.layout.values())
+    advice = "; open it with placement='mmap'" if header.mmappable else ""
+    _check_memory(header.path, "values and /indices", num_bytes, advice=advice)
+    if placement == "device":
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            if num_bytes > free:
+                raise LabelMapError(f"{header.path}: datasets /values and /indices need "
+                                    f"{num_bytes} bytes on {device}, {free} are free{advice}")
+
+
+def scan_file(path: str | os.PathLike, *, progress: bool = True) -> LabelMapHeader:
+    """Validates a label-map file and scans every row, reading a chunk of rows at a time
+    (never the whole file into memory).
+
+    The scan looks for NaN/inf in /values, /indices outside [0, C) and /labels outside
+    [-1, C).
+
+    Args:
+        path: The file.
+        progress: Show a progress bar (only on a terminal).
+
+    Returns:
+        The file's header.
+
+    Raises:
+        LabelMapError: The file is invalid; the scan's problems are listed with their
+            counts and first offending rows.
+    """
+    path = os.fspath(path)
+    with open_h5(path) as f:
+        try:
+            header = _read_header(f, path)
+            _scan(path, header.num_classes, header.num_rows, f["values"], f["indices"],
+                  f["labels"], progress=progress)
+        except OSError as e:
+            raise LabelMapError(f"{path}: reading failed ({e}); the file is damaged") from e
+    return header
+
+
+def _scan(path: str, num_classes: int, num_rows: int, values: Any, indices: Any, labels: Any,
+          *, progress: bool) -> None:
+    """The full scan over rows of tensors or h5py datasets, a chunk of rows at a time."""
+    tallies = (_Tally("/values: NaN/inf"),
+               _Tally(f"/indices: class outside [0, {num_classes})"),
+               _Tally(f"/labels: label outside [-1, {num_classes})"))
+    row_bytes = math.prod(values.shape[1:]) * values.dtype.itemsize
+    step = max(1, _SCAN_CHUNK_BYTES // row_bytes)
+    with tqdm(total=num_rows, unit="row", desc=f"scanning {os.path.basename(path)}",
+              disable=None if progress else True) as bar:
+        for start in range(0, num_rows, step):
+            chunk = slice(start, min(num_rows, start + step))
+            value, index, label = (torch.as_tensor(data[chunk])
+                                   for data in (values, indices, labels))
+            n = len(value)
+            index, label = index.reshape(n, -1), label.reshape(n, 1)
+            tallies[0].add(~torch.isfinite(value.reshape(n, -1)), start)
+            tallies[1].add((index < 0) | (index >= num_classes), start)
+            tallies[2].add((label < -1) | (label >= num_classes), start)
+            bar.update(n)
+    problems = [str(tally) for tally in tallies if tally.count]
+    if problems:
+        raise LabelMapError(f"{path}: full scan found problems: {'; '.join(problems)}")
+
+
+def read_paths(path: str | os.PathLike) -> list[str]:
+    """A label-map file's /paths, checked like `read_header` checks it; no map is loaded.
+
+    Raises:
+        LabelMapError: Naming the file, the dataset or attribute, and the problem.
+    """
+    path = os.fspath(path)
+    with open_h5(path) as f:
+        try:
+            return _read_header_and_paths(f, path)[1]
         except OSError as e:
             raise LabelMapError(f"{path}: reading the metadata failed ({e})") from e
 
@@ -900,17 +1240,17 @@ class LabelMapStore:
         if device is not None and placement != "device":
             raise ValueError(f"device: only used with placement='device', found {placement=!r}")
         path = os.fspath(path)
-        with _open_h5(path) as f:
+        with open_h5(path) as f:
             try:
-                header = _read_header(f, path)
+                header, paths = _read_header_and_paths(f, path)
                 if placement == "mmap":
                     values, indices = (_memmap(path, name, header.layout[name])
                                        for name in ("values", "indices"))
                 else:
+                    _check_placement_memory(header, placement, device)
                     values, indices = (torch.from_numpy(f[name][()])
                                        for name in ("values", "indices"))
                 labels = torch.from_numpy(f["labels"][()].astype(np.int64))
-                paths = f["paths"].asstr()[()].tolist()
                 classes = f["classes"].asstr()[()].tolist()
                 sizes = (torch.from_numpy(f[_SIZES][()].astype(np.int32)) if _SIZES in f
                          else None)
@@ -1006,27 +1346,9 @@ class LabelMapStore:
             LabelMapError: Listing each problem with its count and first offending rows.
         """
         read_header(self.path)
-        if not full:
-            return
-        values, indices, labels = self.values, self.indices, self.labels
-        tallies = (_Tally("/values: NaN/inf"),
-                   _Tally(f"/indices: class outside [0, {self.num_classes})"),
-                   _Tally(f"/labels: label outside [-1, {self.num_classes})"))
-        step = max(1, _SCAN_CHUNK_BYTES // (values[0].numel() * values.element_size()))
-        with tqdm(total=len(self), unit="row", desc=f"scanning {os.path.basename(self.path)}",
-                  disable=None if progress else True) as bar:
-            for start in range(0, len(self), step):
-                chunk = slice(start, start + step)
-                n = len(values[chunk])
-                index = indices[chunk].reshape(n, -1)
-                label = labels[chunk].reshape(n, 1)
-                tallies[0].add(~torch.isfinite(values[chunk].reshape(n, -1)), start)
-                tallies[1].add((index < 0) | (index >= self.num_classes), start)
-                tallies[2].add((label < -1) | (label >= self.num_classes), start)
-                bar.update(n)
-        problems = [str(tally) for tally in tallies if tally.count]
-        if problems:
-            raise LabelMapError(f"{self.path}: full scan found problems: {'; '.join(problems)}")
+        if full:
+            _scan(self.path, self.num_classes, len(self), self.values, self.indices,
+                  self.labels, progress=progress)
 
     def close(self) -> None:
         """Drops the store's references to its tensors.

@@ -4,10 +4,15 @@ A truncated or corrupt JPEG fails its whole DALI batch, and a zero-byte file can
 for good; 300 epochs should not end on one bad file. ``verify_images`` decodes every listed
 file with the decoder the loaders use (DALI's, on the CPU, in parallel), and the bad ones go
 to a list that ``ReLabelLoader(exclude=...)`` and ``ValLoader(exclude=...)`` accept.
+
+The list format (``write_bad_list`` writes it, ``read_path_list`` reads it): one image per
+line, its relative path, then optionally a TAB and the reason; lines that start with '#'
+are comments. A path may hold '#' and spaces, so nothing else is cut. The reason is
+written as "# reason", which readers that cut lines at '#' also take.
 """
 import logging
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import nvidia.dali.fn as fn
@@ -15,7 +20,9 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from tqdm import tqdm
 
-__all__ = ["verify_images", "write_bad_list"]
+from dali_relabel._utils import atomic_path, relative_path_problem
+
+__all__ = ["read_path_list", "verify_images", "write_bad_list"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +119,62 @@ def verify_images(image_root: str, paths: Sequence[str], *, batch_size: int = 64
 
 
 def write_bad_list(path: str, bad: Sequence[Tuple[str, str]]) -> None:
-    """Write one relative path per line with its reason as a '#' comment (atomically)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("# images that failed to decode (dali-relabel verify); pass as exclude=\n")
-        for image, reason in bad:
-            f.write(f"{image}  # {reason}\n")
-    os.replace(tmp, path)
+    """Write the bad images as a path list (atomically): one per line, the relative path, a
+    TAB and "# reason" (with any line break in the reason turned into a space).
+
+    Args:
+        path: The list file to write.
+        bad: (relative path, reason) pairs, as `verify_images` returns them.
+
+    Raises:
+        ValueError: A path that the list cannot hold (see `relative_path_problem`).
+    """
+    lines = ["# images that failed to decode (dali-relabel verify): path TAB reason; "
+             "pass as exclude=\n"]
+    for image, reason in bad:
+        problem = relative_path_problem(image)
+        if problem is not None:
+            raise ValueError(f"bad: {problem}, found {image!r}")
+        lines.append(f"{image}\t# {' '.join(reason.split())}\n")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def read_path_list(exclude: Union[None, str, os.PathLike, Sequence[str]]) -> List[str]:
+    """Relative image paths from a path list file, or from a sequence of paths.
+
+    A file holds one image per line: the relative path, then optionally a TAB and anything
+    (the reason `write_bad_list` wrote). Blank lines and lines whose first character is '#'
+    are skipped; a '#' elsewhere is part of the path.
+
+    Args:
+        exclude: None (no paths), a list file, or the paths themselves.
+
+    Returns:
+        The paths, in the order given.
+
+    Raises:
+        ValueError: The file is missing or unreadable, or a line holds no relative,
+            normalized path (both named).
+    """
+    if exclude is None:
+        return []
+    if not isinstance(exclude, (str, os.PathLike)):
+        return [str(path) for path in exclude]
+    try:
+        with open(exclude, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"exclude: cannot read the path list {os.fspath(exclude)} "
+                         f"({getattr(e, 'strerror', None) or e})") from e
+    paths = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        path = line.split("\t", 1)[0]
+        problem = relative_path_problem(path)
+        if problem is not None:
+            raise ValueError(f"exclude: {os.fspath(exclude)} line {number}: {problem}, found "
+                             f"{path!r}")
+        paths.append(path)
+    return paths

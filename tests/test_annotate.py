@@ -227,7 +227,7 @@ def test_bad_image_is_named_and_can_be_excluded(images, colour_model, tmp_path, 
     err = capsys.readouterr().err
     assert f"{root / 'red' / 'cut.jpg'}: cannot read the image" in err and "--exclude" in err
     assert "Traceback" not in err  # one message, not a worker's traceback
-    (tmp_path / "bad.txt").write_text("red/cut.jpg  # truncated\n")
+    (tmp_path / "bad.txt").write_text("red/cut.jpg\ttruncated\n")
     assert annotate(root, tmp_path / "kept.h5", colour_model[1], *loading,
                     "--exclude", str(tmp_path / "bad.txt")) == 0
     kept = LabelMapStore.open(tmp_path / "kept.h5")

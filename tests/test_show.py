@@ -121,7 +121,7 @@ def test_show_names_bad_arguments(dataset, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["show", str(store_path), "--images", str(tmp_path), "--index", "0",
                  "--out", out]) == 1
-    assert f"cannot read {tmp_path / PATHS[0]}" in capsys.readouterr().err
+    assert f"{tmp_path / PATHS[0]}: cannot read the image" in capsys.readouterr().err
     assert main(["show", str(store_path), "--images", str(images), "--index", "0",
                  "--out", str(tmp_path / "no" / "x.png")]) == 1
     assert "out: the folder" in capsys.readouterr().err

@@ -9,8 +9,8 @@ import pytest
 import dali_relabel
 from conftest import make_label_maps
 from dali_relabel.cli import main
-from dali_relabel.loader import ReLabelLoader, read_path_list
-from dali_relabel.verify import verify_images
+from dali_relabel.loader import ReLabelLoader
+from dali_relabel.verify import read_path_list, verify_images
 from test_loader import textured_image
 
 GOOD = 9
