@@ -23,6 +23,9 @@ __all__ = ["label_pooling", "reference_label_pooling", "MODES"]
 MODES = ("softmax", "logits", "argmax")
 # Boxes come from float arithmetic (e.g. in the DALI graph); allow this much outside [0, 1].
 BOX_TOLERANCE = 1e-4
+# Largest output_size S: token grids of vision transformers are 7-32 a side; the output
+# grows as S*S*C per box (and the kernels index S*S bins in 32-bit arithmetic).
+MAX_OUTPUT_SIZE = 64
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -59,8 +62,14 @@ def _prepare(
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     if isinstance(output_size, bool) or not isinstance(output_size, int) or output_size < 1:
         raise ValueError(f"output_size must be an int >= 1, got {output_size!r}")
+    if output_size > MAX_OUTPUT_SIZE:
+        raise ValueError(f"output_size must be at most MAX_OUTPUT_SIZE={MAX_OUTPUT_SIZE}, got "
+                         f"{output_size}")
     if values.dim() != 4:
         raise ValueError(f"values must be [N, K, H, W], got shape {tuple(values.shape)}")
+    if min(values.shape[1:]) < 1:
+        raise ValueError(f"values must be [N, K, H, W] with K, H, W >= 1, got shape "
+                         f"{tuple(values.shape)}")
     if not values.is_floating_point():
         raise ValueError(f"values must be float16, bfloat16 or float32, got {values.dtype}")
     if indices.shape != values.shape:
@@ -84,6 +93,8 @@ def _prepare(
             f"sample_index must be [B] = [{num_boxes}], got shape {tuple(sample_index.shape)}")
     elif sample_index.is_floating_point() or sample_index.dtype == torch.bool:
         raise ValueError(f"sample_index must be an integer tensor, got {sample_index.dtype}")
+    elif num_boxes > 0 and values.shape[0] < 1:
+        raise ValueError("values must hold at least one row (N >= 1) for sample_index to pick")
     if flip is not None and flip.shape != (num_boxes,):
         raise ValueError(f"flip must be [B] = [{num_boxes}], got shape {tuple(flip.shape)}")
     named = [("values", values), ("indices", indices), ("boxes", boxes),
@@ -169,7 +180,8 @@ def label_pooling(
         indices (Tensor[N, K, H, W]): class of each value, integer, in [0, num_classes).
         boxes (Tensor[B, 4]): crop boxes (x1, y1, x2, y2), normalized to [0, 1].
         num_classes (int): C, the number of classes of the output.
-        output_size (int): S; S > 1 gives S*S bins per box (token-level targets).
+        output_size (int): S in [1, MAX_OUTPUT_SIZE = 64]; S > 1 gives S*S bins per box
+            (token-level targets).
         flip (Tensor[B], optional): bool; mirrors the output bins along x (only S > 1 changes).
         sample_index (Tensor[B], optional): rows of ``values``/``indices`` (a whole store
             [N, K, H, W]) to pool for each box; the gather is fused into the kernel.
