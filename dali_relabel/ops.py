@@ -9,7 +9,11 @@ never building the dense [C, H, W] map.
 ``label_pooling`` is the fast op (compiled C++ on CPU, Triton on CUDA), registered as the torch
 custom op ``dali_relabel::label_pooling`` so it traces under ``torch.compile``.
 ``reference_label_pooling`` densifies and calls torchvision's ``roi_align``: the ground truth
-for tests and the baseline for benchmarks. Both follow DESIGN.md's convention exactly.
+for tests and the baseline for benchmarks. Both follow one convention: maps are [K, H, W]
+(rows along the picture's vertical axis), boxes normalized (x1, y1, x2, y2), and LabelPooling
+with output size S is ``roi_align(D, [b, x1*W-0.5, y1*H-0.5, x2*W-0.5, y2*H-0.5], (S, S),
+spatial_scale=1, sampling_ratio=-1, aligned=False)`` on the densified map D (a class listed
+twice in a cell counts twice), then the mode's epilogue over all C classes.
 """
 from typing import Optional, Tuple, Union
 
@@ -243,7 +247,7 @@ def reference_label_pooling(
     """LabelPooling by densifying to [B, C, H, W] and calling torchvision's roi_align.
 
     The definition of ``label_pooling`` written out plainly (the official ReLabel code path,
-    with DESIGN.md's box convention): the ground truth for tests and the benchmark baseline.
+    with the box convention above): the ground truth for tests and the benchmark baseline.
     Same arguments and result as :func:`label_pooling`; memory grows as B * C * H * W.
     """
     values, indices, boxes, flip, sample_index = _prepare(
