@@ -218,7 +218,7 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
         "resnet18", 3, "original", 0.2)
     assert args.image_size == run.DEMO_DEFAULTS["image_size"]  # no --data: the demo preset
     config.write_text("modle: resnet18\n")
-    with pytest.raises(SystemExit, match="unknown keys"):
+    with pytest.raises(SystemExit, match="modle: unknown key"):
         run.parse_args(["--config", str(config)])
 
 

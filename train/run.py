@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -39,6 +40,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
 
 from dali_relabel import LABEL_MODES, ReLabelLoader, ValLoader  # noqa: E402
+from dali_relabel._utils import atomic_path, check_output_path  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -122,22 +124,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """The option values of a YAML config file, converted and checked as the flags are.
+
+    Keys are the long option names with underscores (`batch_size: 64`); each value goes
+    through its option's type and choices, and switches (`amp: true`) take booleans.
+
+    Raises:
+        SystemExit: One line naming the file, the line and the problem: unreadable file,
+            YAML syntax, not a mapping, unknown key or bad value.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        document = yaml.compose(text)
+        config = yaml.safe_load(text)
+    except OSError as e:
+        raise SystemExit(f"--config {path}: cannot read it ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SystemExit(f"--config {path}:{where}: not valid YAML ({problem})") from e
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise SystemExit(f"--config {path}: line 1: expected a mapping of option names to "
+                         f"values (`epochs: 90`), found a {type(config).__name__}")
+    lines = {node.value: node.start_mark.line + 1 for node, _ in document.value}
+    actions = {action.dest: action for action in parser._actions
+               if action.option_strings and action.dest not in ("help", "config")}
+    values = {}
+    for key, value in config.items():
+        where = f"--config {path}: line {lines.get(key, '?')}: {key}"
+        action = actions.get(key)
+        if action is None:
+            raise SystemExit(f"{where}: unknown key (expected one of the long option names "
+                             f"with underscores, e.g. batch_size)")
+        if value is None:
+            continue
+        if action.nargs == 0:  # a switch such as --amp
+            if not isinstance(value, bool):
+                raise SystemExit(f"{where}: expected true or false, found {value!r}")
+            values[key] = value
+            continue
+        if isinstance(value, (bool, list, dict)):
+            raise SystemExit(f"{where}: expected a single {_type_name(action)} value, found "
+                             f"{value!r}")
+        try:
+            converted = action.type(str(value)) if action.type else str(value)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"{where}: invalid {_type_name(action)} value {value!r}") from e
+        if action.choices is not None and converted not in action.choices:
+            raise SystemExit(f"{where}: {converted!r} is not one of {list(action.choices)}")
+        values[key] = converted
+    return values
+
+
+def _type_name(action: argparse.Action) -> str:
+    return getattr(action.type, "__name__", "str") if action.type else "str"
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
     if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise SystemExit(f"--config {args.config}: unknown keys {unknown}")
-        parser.set_defaults(**config)
+        parser.set_defaults(**read_config(args.config, parser))
     args = parser.parse_args(argv)
-    for action in parser._actions:  # config values bypass argparse's own choices check
-        value = getattr(args, action.dest, None)
-        if action.choices is not None and value is not None and value not in action.choices:
-            raise SystemExit(f"{action.dest}: {value!r} is not one of {list(action.choices)}")
+    try:
+        check_output_path(args.output, argument="--output", directory=True)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     preset = DEMO_DEFAULTS if args.data is None else PAPER_DEFAULTS
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -208,12 +265,34 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def save_atomic(obj: Dict[str, Any], path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    """torch.save to `path` through a synced temporary (temporaries of killed saves are
+    cleaned up by atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, *, option: str) -> Any:
+    """A checkpoint's contents, unpickled by torch's weights-only loader: tensors and plain
+    Python values only (what this trainer saves). Anything else is refused: unpickling
+    arbitrary objects can run code.
+
+    Raises:
+        SystemExit: One line naming the file, for a refused or unreadable checkpoint.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        detail = next((line.strip() for line in lines if "WeightsUnpickler error" in line),
+                      lines[0] if lines else type(e).__name__)
+        raise SystemExit(f"{option} {path}: refusing to load it: it holds objects other than "
+                         f"tensors and plain values, and loading those could run code "
+                         f"({detail})") from e
+    except (OSError, RuntimeError, EOFError) as e:
+        raise SystemExit(f"{option} {path}: cannot read the checkpoint "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
 
 
 def read_real_labels(path: str, val: ValLoader) -> List[List[int]]:
@@ -280,7 +359,7 @@ class Trainer:
                                   num_classes=self.train.num_classes,
                                   drop_path_rate=args.drop_path or None)
         if args.checkpoint:
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            state = load_checkpoint(args.checkpoint, option="--checkpoint")
             model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         model.to(device)
         if args.channels_last:
@@ -319,7 +398,7 @@ class Trainer:
         self.last_good = path
 
     def resume(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path, option="--resume")
         if len(state["loaders"]) != self.dist.world:
             raise SystemExit(f"{path} was written by {len(state['loaders'])} processes; "
                              f"resume with as many (now {self.dist.world})")
@@ -490,8 +569,8 @@ class Trainer:
             self.checkpoint(self.last_path)
             if self.dist.main:
                 if improved:
-                    shutil.copyfile(self.last_path, f"{self.best_path}.tmp")
-                    os.replace(f"{self.best_path}.tmp", self.best_path)
+                    with atomic_path(self.best_path) as tmp:
+                        shutil.copyfile(self.last_path, tmp)
                 with open(self.metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -523,9 +602,12 @@ def demo_dataset(args: argparse.Namespace, dist_: Distributed) -> None:
 
 def summary(args: argparse.Namespace, trainer: "Trainer", record: Dict[str, float],
             seconds: float) -> str:
-    if trainer.stop_agreed or not record:
+    if trainer.stop_agreed:
         return (f"Stopped by SIGTERM at step {trainer.step} (epoch {trainer.epoch}); continue "
                 f"with --resume auto from {os.path.abspath(trainer.last_path)}.")
+    if not record:  # resumed from the checkpoint of a finished run
+        return (f"Run complete: all {args.epochs} epochs done, nothing to resume "
+                f"({os.path.abspath(trainer.last_good or trainer.last_path)}).")
     parts = [f"Trained {args.model} for {args.epochs} epochs with {args.label_mode} targets in "
              f"{seconds / 60:.1f} min at {record['images_per_s']:.0f} images/s"]
     if "val_top1" in record:
