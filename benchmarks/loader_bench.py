@@ -19,8 +19,6 @@ same JPEG files, with the same number of CPU threads / DataLoader workers W = T:
                       same maps (with /sizes): the epoch plan fixes every window on the host,
                       DALI ROI-decodes it, LabelPooling makes the targets; the same decoder
                       settings as (b). ReLabel's cost is 1 - (c) / (b).
-  (c') ReLabelLoader, jpeg_fancy_upsampling=True: chroma upsampled as libjpeg/PIL do, for
-                      pixels equal to (a)'s
   (d) bare decode     a DALI pipeline that only reads and decodes the JPEGs (no crop, no
                       resize) on the same T threads; for reference also PIL decoding
                       (Image.open(path).convert("RGB")) in a DataLoader with W workers
@@ -110,13 +108,11 @@ SKIMAGE_PHOTOS = {
     "retina": ("retina.jpg",),
     "stereo_motorcycle": ("motorcycle_left.png", "motorcycle_right.png", "motorcycle_disp.npz"),
 }
-METHODS = ("official", "plain_dali", "relabel_loader", "relabel_loader_fancy", "dali_decode",
-           "pil_decode")
+METHODS = ("official", "plain_dali", "relabel_loader", "dali_decode", "pil_decode")
 METHOD_NAMES = {
     "official": "(a) official: PIL + .pt files + dense roi_align",
     "plain_dali": "(b) plain DALI graph, images only",
     "relabel_loader": "(c) ReLabelLoader: DALI + LabelPooling",
-    "relabel_loader_fancy": "(c') ReLabelLoader, PIL-exact chroma",
     "dali_decode": "(d) DALI bare decode",
     "pil_decode": "(d') PIL bare decode, DataLoader",
 }
@@ -616,10 +612,9 @@ def run_method(name: str, data: Dict, args, device: torch.device) -> Dict:
         loader = official_loader(data["image_root"], data["relabel_root"], args.batch_size,
                                  args.threads, device)
         batches = official_batches(loader, device)
-    elif name in ("relabel_loader", "relabel_loader_fancy"):
+    elif name == "relabel_loader":
         loader = ReLabelLoader(data["image_root"], data["store"], args.batch_size,
-                               device=str(device), num_threads=args.threads, seed=args.seed,
-                               jpeg_fancy_upsampling=name == "relabel_loader_fancy")
+                               device=str(device), num_threads=args.threads, seed=args.seed)
         batches = endless(loader)
     elif name == "plain_dali":
         pipe = plain_dali_pipeline(
@@ -780,7 +775,7 @@ def plot(result: Dict, path: Path) -> None:
     methods = result["methods"]
     names = list(METHODS)
     rates = [methods[n]["images_per_s"] for n in names]
-    colors = ["tab:red", "tab:purple", "tab:green", "tab:olive", "tab:blue", "tab:gray"]
+    colors = ["tab:red", "tab:purple", "tab:green", "tab:blue", "tab:gray"]
     fig, ax = plt.subplots(figsize=(11, 6))
     bars = ax.bar(range(len(names)), rates, color=colors)
     for bar, rate in zip(bars, rates):
@@ -800,7 +795,7 @@ def plot(result: Dict, path: Path) -> None:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([METHOD_NAMES[n].replace(": ", ":\n", 1).replace(", ", ",\n", 1)
                         for n in names], fontsize=9)
-    ax.set_ylabel("images / s (with targets for (a), (c), (c'))")
+    ax.set_ylabel("images / s (with targets for (a) and (c))")
     ax.set_ylim(0, 1.4 * max(rates))
     settings = result["settings"]
     dataset = result["dataset"]
@@ -923,9 +918,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         summary.update(percent_of_plain=100 * rate["relabel_loader"] / rate["plain_dali"],
                        relabel_cost_percent=100 * (1 - rate["relabel_loader"]
                                                    / rate["plain_dali"]))
-    if {"plain_dali", "relabel_loader_fancy"} <= rate.keys():
-        summary["fancy_upsampling_cost_percent"] = 100 * (
-            1 - rate["relabel_loader_fancy"] / rate["plain_dali"])
     if {"official", "relabel_loader"} <= rate.keys():
         summary["ratio_vs_official"] = rate["relabel_loader"] / rate["official"]
     if {"dali_decode", "relabel_loader"} <= rate.keys():
@@ -972,9 +964,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                     if "relabel_loader" in rows else "")
     if {"percent_of_plain", "ratio_vs_official"} <= summary.keys():
         logger.info(summary_line(summary))
-    if "fancy_upsampling_cost_percent" in summary:
-        logger.info("with jpeg_fancy_upsampling=True (PIL's chroma): %.1f%% below the plain "
-                    "DALI graph", summary["fancy_upsampling_cost_percent"])
     logger.info("planning one epoch of ImageNet (%d images) on one rank: %.0f ms",
                 IMAGENET_TRAIN_IMAGES, summary["plan_ms_imagenet"])
     logger.info("wrote %s%s", out / "loader_bench.json",

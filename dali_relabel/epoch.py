@@ -1,9 +1,10 @@
-"""One epoch of the training loader: a DALI pipeline that decodes what the plan says.
+"""The DALI side of the training loader: one pipeline that decodes what the plan says.
 
-``EpochRun`` builds the training graph over the plan's files, feeds it the planned windows
-and flips batch by batch, and yields DALI's image batches with the plan's slice for them.
-When DALI fails, it knows which files the failing batch held, finds the culprits and names
-them.
+``PlannedDecoder`` keeps one training graph for the loader's lifetime and feeds it each epoch's
+plan, batch by batch, through an external source (file paths, windows, flips, rows); between
+epochs it only resets the iterator, so no epoch pays for building a pipeline or for refilling
+its prefetch queue from nothing. When DALI fails, it knows which files the batches in flight
+hold, finds the culprits and names them.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from dali_relabel.image_files import read_image_sizes
-from dali_relabel.pipeline import READER_NAME, train_pipeline
+from dali_relabel.pipeline import train_pipeline
 from dali_relabel.plan import EpochPlan
 
-__all__ = ["EpochRun", "PlanMismatchError"]
+__all__ = ["PlanMismatchError", "PlannedDecoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,84 +34,94 @@ class PlanMismatchError(ValueError):
 
 
 class _PlanFeed:
-    """The external source of the graph: batch i's anchors, shapes and flips.
+    """The graph's external source: batch i of the current plan, StopIteration at its end."""
 
-    The reader pads the last batch with its last sample and then wraps around to the first
-    batch while DALI prefetches, so batch i of the reader is batch i mod len(plan) here.
-    """
+    def __init__(self, image_root: str, paths: list[str]) -> None:
+        self._image_root = image_root
+        self._paths = paths
+        self.plan: EpochPlan | None = None
 
-    def __init__(self, plan: EpochPlan) -> None:
-        self._plan = plan
-        self._anchors = np.ascontiguousarray(plan.windows[:, :2])
-        self._shapes = np.ascontiguousarray(plan.windows[:, 2:])
-        self._flips = plan.flips.astype(np.int32)
-
-    def __call__(self, iteration: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        samples = self._plan.batch(iteration % len(self._plan))
-        anchors, shapes, flips = (data[samples]
-                                  for data in (self._anchors, self._shapes, self._flips))
-        missing = self._plan.batch_size - len(flips)
-        if missing:
-            anchors, shapes, flips = (np.concatenate([data, np.repeat(data[-1:], missing, 0)])
-                                      for data in (anchors, shapes, flips))
-        return anchors, shapes, flips
+    def __call__(self, iteration: int) -> tuple[list, np.ndarray, np.ndarray, np.ndarray,
+                                                 np.ndarray]:
+        plan = self.plan
+        if plan is None or iteration >= len(plan):
+            raise StopIteration
+        samples = plan.batch(iteration)
+        rows = plan.rows[samples]
+        files = [np.frombuffer(os.path.join(self._image_root, self._paths[row]).encode(),
+                               dtype=np.uint8) for row in rows]
+        windows = plan.windows[samples]
+        return (files, np.ascontiguousarray(windows[:, :2]),
+                np.ascontiguousarray(windows[:, 2:]), plan.flips[samples].astype(np.int32),
+                rows)
 
 
-class EpochRun:
-    """Decodes one (possibly resumed) epoch plan with DALI.
+class PlannedDecoder:
+    """Decodes epoch plans with one DALI pipeline.
 
     Args:
-        plan: What to read, in order.
         image_root: The folder the store's paths are relative to.
         labelmaps: The label-map file's path, for messages.
         paths: The store's /paths (indexed by row).
-        sizes (ndarray[N, 2]): The sizes the plan was made with, by row.
-        drop_last: Whether the plan holds full batches only.
+        sizes (ndarray[N, 2]): The sizes the plans are made with, by row.
         check_sizes: Compare every decoded image's size with the planned one.
-        pipeline_args: The rest of `train_pipeline`'s arguments.
+        pipeline_args: The rest of `train_pipeline`'s arguments (batch size, threads, ...).
     """
 
-    def __init__(self, plan: EpochPlan, *, image_root: str, labelmaps: str, paths: list[str],
-                 sizes: np.ndarray, drop_last: bool, check_sizes: bool,
-                 **pipeline_args: Any) -> None:
-        self.plan = plan
+    def __init__(self, *, image_root: str, labelmaps: str, paths: list[str], sizes: np.ndarray,
+                 check_sizes: bool, **pipeline_args: Any) -> None:
         self._image_root = image_root
         self._labelmaps = labelmaps
         self._paths = paths
         self._sizes = sizes
         self._check_sizes = check_sizes
+        self._pipeline_args = pipeline_args
         self._prefetch = pipeline_args.get("prefetch_queue_depth", 2)
-        files = [os.path.join(image_root, paths[row]) for row in plan.rows]
-        pipe = train_pipeline(files, plan.rows.tolist(), _PlanFeed(plan),
-                              check_sizes=check_sizes, **pipeline_args)
-        pipe.build()
-        outputs = ["images", "rows"] + (["sizes"] if check_sizes else [])
-        # DROP: the plan holds full batches only; PARTIAL: the reader's padding of the last
-        # batch is trimmed, so the shards together yield every sample exactly once.
-        policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
-        self._batches = 0
-        self._iterator = self._guard(lambda: DALIGenericIterator(
-            [pipe], outputs, reader_name=READER_NAME, last_batch_policy=policy,
-            auto_reset=False))
+        self._feed = _PlanFeed(image_root, paths)
+        self._iterator: DALIGenericIterator | None = None
+        self._reusable = False  # the last epoch ran to its end: reset() starts the next one
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, slice]]:
-        """Yields (images as DALI made them, the plan's samples of that batch)."""
-        while True:
-            try:
-                out = self._guard(lambda: next(self._iterator))[0]
-            except StopIteration:
-                return
-            samples = self.plan.batch(self._batches)
-            rows = out["rows"].view(-1).numpy()
-            assert np.array_equal(rows, self.plan.rows[samples]), "reader left the plan"
-            if self._check_sizes:
-                self._compare_sizes(out["sizes"][:, :2].numpy(), self.plan.rows[samples])
-            self._batches += 1
-            yield out["images"], samples
+    def _start(self, plan: EpochPlan) -> None:
+        self._feed.plan = plan
+        if self._iterator is not None and self._reusable:
+            self._iterator.reset()
+            return
+        # A first epoch, one left early or one that failed: DALI cannot reset the iterator
+        # with batches in flight, so build the pipeline anew.
+        self._iterator = None
+        pipe = train_pipeline(self._feed, check_sizes=self._check_sizes, **self._pipeline_args)
+        pipe.build()
+        outputs = ["images", "rows"] + (["sizes"] if self._check_sizes else [])
+        # The feed ends each epoch (StopIteration) and sends its last batch short, which
+        # PARTIAL passes through as it is.
+        self._iterator = DALIGenericIterator([pipe], outputs, auto_reset=False,
+                                             last_batch_policy=LastBatchPolicy.PARTIAL,
+                                             prepare_first_batch=False)
+
+    def run(self, plan: EpochPlan) -> Iterator[tuple[torch.Tensor, slice]]:
+        """Yields (images as DALI made them, the plan's samples of that batch) for `plan`."""
+        self._reusable = False
+        batches = 0
+        try:
+            self._start(plan)
+            for out in self._iterator:
+                out = out[0]
+                samples = plan.batch(batches)
+                rows = out["rows"].view(-1).numpy()
+                assert np.array_equal(rows, plan.rows[samples]), "DALI left the plan"
+                if self._check_sizes:
+                    self._compare_sizes(out["sizes"][:, :2].numpy(), rows)
+                batches += 1
+                yield out["images"], samples
+        except RuntimeError as error:
+            self._iterator = None
+            raise RuntimeError(self._diagnose(plan, batches, error)) from error
+        self._reusable = True
 
     def _compare_sizes(self, decoded: np.ndarray, rows: np.ndarray) -> None:
         wrong = np.flatnonzero((decoded != self._sizes[rows]).any(axis=1))
         if wrong.size:
+            self._iterator = None
             listing = ", ".join(f"{self._paths[rows[i]]} (decodes as {decoded[i].tolist()}, "
                                 f"planned {self._sizes[rows[i]].tolist()})"
                                 for i in wrong[:_SHOWN])
@@ -122,18 +133,11 @@ class EpochRun:
                 f"Run `dali-relabel index {self._labelmaps} --images {self._image_root}` to "
                 "record their sizes (the label maps stay valid: boxes are relative).")
 
-    def _guard(self, call):
-        """Runs a DALI call; a failure names the bad files of the batches in flight."""
-        try:
-            return call()
-        except RuntimeError as error:
-            raise RuntimeError(self._diagnose(error)) from error
-
-    def _diagnose(self, error: RuntimeError) -> str:
-        # DALI runs up to `prefetch` batches ahead of the one being asked for.
-        first = self._batches * self.plan.batch_size
-        stop = first + (self._prefetch + 2) * self.plan.batch_size
-        rows = np.unique(self.plan.rows[first:stop])
+    def _diagnose(self, plan: EpochPlan, batches: int, error: RuntimeError) -> str:
+        """Why DALI failed, naming files: the batches in flight are the one asked for and up
+        to `prefetch` more."""
+        first = batches * plan.batch_size
+        rows = np.unique(plan.rows[first:first + (self._prefetch + 2) * plan.batch_size])
         paths = [self._paths[row] for row in rows]
         from dali_relabel.verify import verify_images  # DALI decoding, only on failure
 
@@ -151,4 +155,3 @@ class EpochRun:
                 for i in wrong[:_SHOWN]))
         return (f"the DALI pipeline failed: {error}\nEvery image of the batches in flight "
                 "decodes on its own and has the planned size.")
-

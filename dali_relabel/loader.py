@@ -22,7 +22,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from dali_relabel._loading import (check_range, dali_image_dtype, finish_images,
                                    resolve_device, resolve_shard)
 from dali_relabel._utils import check_positive_int, cpu_share
-from dali_relabel.epoch import EpochRun
+from dali_relabel.epoch import PlannedDecoder
 from dali_relabel.image_files import (IMAGE_EXTENSIONS, check_image_files, find_images,
                                       read_image_sizes)
 from dali_relabel.pipeline import IMAGENET_MEAN, IMAGENET_STD, READER_NAME, val_pipeline
@@ -170,9 +170,10 @@ class ReLabelLoader:
         std: Per-channel std, 0-255 scale (default: ImageNet's).
         adjust_orientation: Apply EXIF orientation; off, as PIL/torchvision pipelines and
             therefore the official label maps ignore it (default: False).
-        jpeg_fancy_upsampling: Upsample JPEG chroma as libjpeg and PIL do, for pixels equal
-            to a PIL pipeline's; DALI's default, off, decodes about 15% faster on a CPU and
-            differs only in the colour of fine edges (default: False).
+        jpeg_fancy_upsampling: On the GPU decoder, interpolate JPEG chroma as libjpeg and
+            PIL do, for pixels equal to a PIL pipeline's, instead of DALI's faster default
+            (which differs only in the colour of fine edges); DALI's CPU decoder always
+            interpolates (default: False).
         exclude: Relative paths (or a file listing them, e.g. from `dali-relabel verify`) to
             leave out.
         labelmaps_placement: Store placement; default: "device" on CUDA when the store
@@ -260,8 +261,9 @@ class ReLabelLoader:
         self.targets = TargetMaker(self.store, self.device, label_mode=label_mode,
                                    output_size=output_size, fused_gather=fused_gather)
         self.dtype, self.channels_last, self.return_meta = dtype, channels_last, return_meta
-        self._check_sizes = check_sizes
-        self._pipeline_args = dict(
+        self._decoder = PlannedDecoder(
+            image_root=self.image_root, labelmaps=self.store.path, paths=self.store.paths,
+            sizes=self.planner.sizes, check_sizes=check_sizes,
             decoder_device="mixed" if device_id is not None else "cpu", image_size=image_size,
             mean=tuple(mean), std=tuple(std), dtype=dali_image_dtype(dtype),
             channels_last=channels_last, adjust_orientation=adjust_orientation,
@@ -315,11 +317,7 @@ class ReLabelLoader:
         self._running, self._resuming = True, False
         plan = self.planner.plan(self._epoch).skip(self._batches_done)
         if len(plan.rows):
-            run = EpochRun(plan, image_root=self.image_root, labelmaps=self.store.path,
-                           paths=self.store.paths, sizes=self.planner.sizes,
-                           drop_last=self.planner.drop_last, check_sizes=self._check_sizes,
-                           **self._pipeline_args)
-            for images, samples in run:
+            for images, samples in self._decoder.run(plan):
                 self._batches_done += 1
                 yield self._batch(images, plan.boxes[samples], plan.flips[samples],
                                   plan.rows[samples])
@@ -406,8 +404,7 @@ class ValLoader:
         mean: Per-channel mean, 0-255 scale (default: ImageNet's).
         std: Per-channel std, 0-255 scale (default: ImageNet's).
         adjust_orientation: Apply EXIF orientation (default: False, as PIL does).
-        jpeg_fancy_upsampling: Upsample JPEG chroma as libjpeg and PIL do (default: False,
-            as ReLabelLoader).
+        jpeg_fancy_upsampling: As for ReLabelLoader (default: False).
         exclude: Relative paths (or a list file) to leave out.
     """
 

@@ -1,11 +1,10 @@
 """DALI pipelines for ReLabel training and validation.
 
 The training graph does no random work of its own: the loader's epoch plan fixes the order
-of the files, every crop window and every flip before DALI runs. The graph reads the files
-in that order (each carrying its label-map row as the reader's label), ROI-decodes exactly
-the planned window ("mixed" on a GPU, "cpu" otherwise), resizes, flips as planned and
-normalizes, so the ReLabel targets pooled from the planned boxes describe exactly the
-decoded pixels.
+of the files, every crop window and every flip before DALI runs. The graph reads the planned
+files (in DALI's threads), ROI-decodes exactly the planned window ("mixed" on a GPU, "cpu"
+otherwise), resizes, flips as planned and normalizes, so the ReLabel targets pooled from the
+planned boxes describe exactly the decoded pixels.
 """
 from typing import Callable, Sequence, Tuple
 
@@ -30,18 +29,19 @@ def _normalize(images, *, flip, mean: Sequence[float], std: Sequence[float], dty
 
 
 @pipeline_def
-def train_pipeline(files: Sequence[str], rows: Sequence[int], plan_source: Callable, *,
-                   decoder_device: str, image_size: int, mean: Sequence[float],
-                   std: Sequence[float], dtype, channels_last: bool, adjust_orientation: bool,
-                   jpeg_fancy_upsampling: bool, check_sizes: bool):
-    """Training graph: planned windows in, images and rows (and decoded sizes) out.
+def train_pipeline(plan_source: Callable, *, decoder_device: str, image_size: int,
+                   mean: Sequence[float], std: Sequence[float], dtype, channels_last: bool,
+                   adjust_orientation: bool, jpeg_fancy_upsampling: bool, check_sizes: bool):
+    """Training graph: the planned files and windows in; images, rows (and sizes) out.
+
+    One graph serves every epoch: `plan_source` says what to read, batch by batch, and ends
+    each epoch by raising StopIteration.
 
     Args:
-        files: Absolute image paths in plan order (the rest of one epoch of one shard).
-        rows: Label-map row of each file; it travels through the reader as its label.
-        plan_source: ``plan_source(iteration)`` returns the batch's windows as three lists:
-            anchors (y, x) int32 [2], shapes (h, w) int32 [2] and flips int32 scalars, in
-            the reader's order (the reader pads the last batch with its last sample).
+        plan_source: ``plan_source(iteration)`` returns batch `iteration` of the current
+            epoch as five lists or arrays: file paths (utf-8 bytes as uint8 [n]), anchors
+            (y, x) int32 [2], shapes (h, w) int32 [2], flips int32 scalars and label-map rows
+            int64 scalars.
         decoder_device: "mixed" (GPU decoding) or "cpu".
         image_size: Side of the square output images.
         mean: Per-channel mean to subtract, 0-255 scale.
@@ -50,22 +50,20 @@ def train_pipeline(files: Sequence[str], rows: Sequence[int], plan_source: Calla
         channels_last: Emit HWC (channels-last) instead of CHW.
         adjust_orientation: Apply EXIF orientation. Off by default in the loader, because
             PIL/torchvision pipelines, and so the official label maps, ignore it.
-        jpeg_fancy_upsampling: Upsample JPEG chroma as libjpeg (and so PIL) does; DALI's
-            default (off) is cheaper and differs only in the colour of fine edges.
+        jpeg_fancy_upsampling: Upsample JPEG chroma by interpolation, as libjpeg and PIL do;
+            it matters for the GPU decoder only (DALI's CPU decoder always does).
         check_sizes: Also output each image's (height, width) as the decoder sees it, so
             that the loader can check them against the sizes it planned with.
     """
-    jpegs, row = fn.readers.file(files=list(files), labels=list(rows), name=READER_NAME,
-                                 random_shuffle=False, pad_last_batch=True,
-                                 dont_use_mmap=True)
-    anchor, shape, flip = fn.external_source(
-        source=plan_source, num_outputs=3, batch=True, dtype=[types.INT32] * 3,
-        ndim=[1, 1, 0])
+    path, anchor, shape, flip, row = fn.external_source(
+        source=plan_source, num_outputs=5, batch=True,
+        dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT64],
+        ndim=[1, 1, 1, 0, 0])
+    jpegs = fn.io.file.read(path, dont_use_mmap=True)
     images = fn.decoders.image_slice(
         jpegs, anchor, shape, axis_names="HW", normalized_anchor=False,
-        normalized_shape=False, device=decoder_device,
-        output_type=types.RGB, adjust_orientation=adjust_orientation,
-        jpeg_fancy_upsampling=jpeg_fancy_upsampling)
+        normalized_shape=False, device=decoder_device, output_type=types.RGB,
+        adjust_orientation=adjust_orientation, jpeg_fancy_upsampling=jpeg_fancy_upsampling)
     images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_LINEAR,
                        antialias=True)
     images = _normalize(images, flip=flip, mean=mean, std=std, dtype=dtype,
