@@ -241,6 +241,29 @@ def test_shards_default_to_the_global_rank(dataset, monkeypatch):
         root, store_path, 2, device="cpu", shard_id=3, num_shards=4).epoch_order(0).tolist()
 
 
+def test_shards_come_from_torchrun_variables_before_the_process_group(dataset, monkeypatch):
+    import dali_relabel._loading as loading
+    root, store_path = dataset
+    monkeypatch.setattr(loading, "_warned_env_shard", False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match="RANK=1 and WORLD_SIZE=2 .* init_process_group"):
+        loader = ReLabelLoader(root, store_path, 2, device="cpu", image_size=16)
+    assert (loader.shard_id, loader.num_shards) == (1, 2)
+    val = ValLoader(root, 4, device="cpu")  # warned once per process
+    assert (val.shard_id, val.num_shards) == (1, 2)
+    # A process group that disagrees with the variables is a broken set-up.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="RANK/WORLD_SIZE say rank 1 of 2 but the process "
+                                         "group says rank 0 of 2"):
+        ReLabelLoader(root, store_path, 2, device="cpu")
+    monkeypatch.setenv("RANK", "two")
+    with pytest.raises(ValueError, match="RANK='two' and WORLD_SIZE='2' must be integers"):
+        ReLabelLoader(root, store_path, 2, device="cpu")
+
+
 def test_host_gather_path_equals_fused_gather(dataset):
     root, store_path = dataset
     kwargs = dict(device="cpu", image_size=16, seed=2, return_meta=True, num_threads=1,
