@@ -285,6 +285,11 @@ at::Tensor label_pooling_forward(const at::Tensor& values, const at::Tensor& ind
               "label_pooling: inputs must be contiguous");
   TORCH_CHECK(boxes.scalar_type() == at::kFloat, "label_pooling: boxes must be float32");
   TORCH_CHECK(mode >= kSoftmax && mode <= kArgmax, "label_pooling: unknown mode ", mode);
+  // An empty axis would put the border cell at index -1.
+  TORCH_CHECK(values.dim() == 4 && indices.sizes() == values.sizes() && values.size(1) >= 1 &&
+                  values.size(2) >= 1 && values.size(3) >= 1,
+              "label_pooling: values and indices must be [N, K, H, W] alike with K, H, W >= 1");
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "label_pooling: boxes must be [B, 4]");
   const int S = static_cast<int>(output_size);
   auto out = at::empty({boxes.size(0), output_size * output_size, num_classes},
                        values.options().dtype(at::kFloat));
