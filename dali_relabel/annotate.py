@@ -53,7 +53,7 @@ from dali_relabel.jobs import (
     unwritten_rows,
     utc_now,
 )
-from dali_relabel.loader import find_images
+from dali_relabel.image_files import find_images
 from dali_relabel.store import LabelMapStore, LabelMapWriter
 from dali_relabel.verify import read_path_list
 
@@ -249,8 +249,9 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
-        """(row, normalized pixels [3, S, S], "" or what went wrong reading the image).
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor, str]:
+        """(row, normalized pixels [3, S, S], the image's (height, width) as decoded, "" or
+        what went wrong reading the image).
 
         A bad image is reported as data, not raised in a worker process, so that the job
         stops with one clear message naming the file. Images of any size are decoded, as
@@ -258,11 +259,14 @@ class _ImageFiles(torch.utils.data.Dataset):
         """
         path = os.path.join(self.image_root, self.paths[i])
         try:
-            image = open_rgb_image(path).resize((self.size, self.size), self.resample)
+            image = open_rgb_image(path)
         except ValueError as e:
-            return int(self.rows[i]), torch.zeros(3, self.size, self.size), str(e)
+            return (int(self.rows[i]), torch.zeros(3, self.size, self.size),
+                    torch.ones(2, dtype=torch.int32), str(e))
+        size = torch.tensor([image.height, image.width], dtype=torch.int32)
+        image = image.resize((self.size, self.size), self.resample)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-        return int(self.rows[i]), (pixels / 255.0 - self.mean) / self.std, ""
+        return int(self.rows[i]), (pixels / 255.0 - self.mean) / self.std, size, ""
 
 
 def _sha256(path: str) -> str:
@@ -472,7 +476,7 @@ class _Job:
         size = self.annotator.map_size
         return LabelMapWriter(path, num_rows=len(rows), num_classes=len(self.classes),
                               topk=self.topk, height=size, width=size, classes=self.classes,
-                              **self.attrs, date=date)
+                              with_sizes=True, **self.attrs, date=date)
 
     @torch.inference_mode()
     def annotate(self, path: str, rows: np.ndarray, *, desc: str) -> None:
@@ -499,7 +503,7 @@ class _Job:
                             writer.num_written, len(rows))
             with tqdm(total=len(rows), initial=writer.num_written, unit="img", desc=desc,
                       disable=None if self.progress else True) as bar:
-                for local, images, errors in batches:
+                for local, images, sizes, errors in batches:
                     bad = [error for error in errors if error]
                     if bad:
                         raise ValueError(
@@ -509,7 +513,7 @@ class _Job:
                     values, indices = logits.topk(self.topk, dim=1)
                     image_rows = rows[local.numpy()]
                     writer.write(local, values, indices, self.labels[image_rows],
-                                 [self.paths[row] for row in image_rows])
+                                 [self.paths[row] for row in image_rows], sizes=sizes)
                     bar.update(len(local))
 
     def merge(self, out: str, world: int) -> None:
@@ -527,7 +531,8 @@ class _Job:
                             chunk = torch.from_numpy(local[start:start + _MERGE_ROWS])
                             writer.write(chunk * world + rank, store.values[chunk],
                                          store.indices[chunk], store.labels[chunk],
-                                         [store.paths[i] for i in chunk])
+                                         [store.paths[i] for i in chunk],
+                                         sizes=store.sizes[chunk])
                             bar.update(len(chunk))
             complete = writer.is_complete
         if complete:

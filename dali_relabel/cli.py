@@ -3,7 +3,7 @@
 Usage: dali-relabel COMMAND ...; `dali-relabel COMMAND --help` shows an example per command.
 Commands: annotate (make label maps with a timm classifier), import-pt (convert the official
 relabel_imagenet release), info (describe and validate a file), verify (find images that fail
-to decode), show (draw a map over its image). ReLabel: Yun et al., CVPR 2021.
+to decode), index (store the images' sizes), show (draw a map over its image). ReLabel: Yun et al., CVPR 2021.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from dali_relabel.loader import find_images
+    from dali_relabel.image_files import find_images
     from dali_relabel.verify import verify_images, write_bad_list
 
     check_output_path(args.out, argument="--out")
@@ -147,6 +147,20 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from dali_relabel.image_files import read_image_sizes
+    from dali_relabel.store import add_sizes
+
+    check_output_path(args.file, argument="FILE")
+    paths = read_paths(args.file)
+    sizes = read_image_sizes(args.images, paths, adjust_orientation=args.adjust_orientation,
+                             num_threads=args.num_threads)
+    add_sizes(args.file, sizes, adjust_orientation=args.adjust_orientation)
+    print(f"{args.file}: stored the (height, width) of {len(paths)} images (mean "
+          f"{int(sizes[:, 0].mean())} x {int(sizes[:, 1].mean())})")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dali-relabel",
@@ -196,8 +210,32 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="decode with EXIF orientation applied, as a loader with "
                              "adjust_orientation=True does")
     verify.set_defaults(run=_verify)
+    _add_index(commands)
     _add_show(commands)
     return parser
+
+
+def _add_index(commands: argparse._SubParsersAction) -> None:
+    index = commands.add_parser(
+        "index",
+        help="store every image's size in a label-map file (/sizes)",
+        description="Read the (height, width) of every image the file lists from its header "
+                    "(in parallel, a few kB per image) and store them as /sizes, so that "
+                    "ReLabelLoader plans its crop windows without reading headers at start. "
+                    "The file is rewritten through a copy beside it: an interruption leaves "
+                    "it as it was. Run it again after resizing the images.",
+        epilog="example:\n  dali-relabel index relabel.h5 --images /data/imagenet/train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    index.add_argument("file", help="label-map file (HDF5)")
+    index.add_argument("--images", required=True, metavar="ROOT",
+                       help="folder the file's /paths are relative to")
+    index.add_argument("--adjust-orientation", action="store_true",
+                       help="store the sizes with EXIF orientation applied, for loaders with "
+                            "adjust_orientation=True")
+    index.add_argument("--num-threads", type=int, default=None, metavar="N",
+                       help="header-reading threads (default: 4 per CPU, at most 32)")
+    index.set_defaults(run=_index)
 
 
 def _add_annotate(commands: argparse._SubParsersAction) -> None:

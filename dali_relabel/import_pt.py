@@ -33,7 +33,7 @@ from tqdm import tqdm
 import dali_relabel
 from dali_relabel._utils import check_output_path
 from dali_relabel.jobs import PARTIAL_SUFFIX, check_resumable, default_workers, utc_now
-from dali_relabel.loader import find_images
+from dali_relabel.image_files import find_images, read_image_sizes
 from dali_relabel.store import LabelMapWriter
 
 __all__ = ["LAYOUTS", "ImportReport", "import_pt", "pt_path"]
@@ -208,8 +208,11 @@ def import_pt(
                     source_dir=os.path.abspath(src))
     earlier = check_resumable(out + PARTIAL_SUFFIX, paths=matched, identity=identity)
     date = earlier["date"] if earlier and "date" in earlier else utc_now()
+    # The images' sizes (from their headers) go to /sizes, for the loaders' crop planning.
+    sizes = read_image_sizes(image_root, matched, progress=progress)
     with LabelMapWriter(out, num_rows=len(matched), num_classes=len(names), topk=topk,
-                        height=height, width=width, classes=names, **identity, date=date,
+                        height=height, width=width, classes=names, with_sizes=True,
+                        **identity, date=date,
                         software=f"dali-relabel {dali_relabel.__version__} import-pt") as writer:
         todo = writer.missing()
         if writer.num_written:
@@ -235,6 +238,6 @@ def import_pt(
                 while pending and (chunk is None or len(pending) >= 2 * num_workers):
                     rows, values, indices = pending.popleft().result()
                     writer.write(rows, values, indices, labels[rows],
-                                 [matched[row] for row in rows])
+                                 [matched[row] for row in rows], sizes=sizes[rows])
                     bar.update(len(rows))
     return report

@@ -29,9 +29,10 @@ from dali_relabel.pipeline import IMAGENET_MEAN, IMAGENET_STD, READER_NAME, val_
 from dali_relabel.plan import EpochPlanner
 from dali_relabel.store import LabelMapStore, read_header
 from dali_relabel.targets import LABEL_MODES, TargetMaker, check_store
+from dali_relabel.verify import read_path_list
 
 __all__ = ["LABEL_MODES", "IMAGE_EXTENSIONS", "ReLabelBatch", "ReLabelLoader", "ValLoader",
-           "find_images", "read_path_list"]
+           "find_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,17 +60,6 @@ class ReLabelBatch:
     boxes: torch.Tensor
     flip: torch.Tensor
     sample_index: torch.Tensor
-
-
-def read_path_list(exclude: Union[None, str, os.PathLike, Sequence[str]]) -> list:
-    """Relative image paths from a list file (one per line, '#' comments) or a sequence."""
-    if exclude is None:
-        return []
-    if isinstance(exclude, (str, os.PathLike)):
-        with open(exclude, encoding="utf-8") as f:
-            lines = (line.split("#", 1)[0].strip() for line in f)
-            return [line for line in lines if line]
-    return [str(path) for path in exclude]
 
 
 def _open_store(labelmaps, placement: Optional[str], device: torch.device) -> LabelMapStore:

@@ -7,8 +7,7 @@ to a list that ``ReLabelLoader(exclude=...)`` and ``ValLoader(exclude=...)`` acc
 
 The list format (``write_bad_list`` writes it, ``read_path_list`` reads it): one image per
 line, its relative path, then optionally a TAB and the reason; lines that start with '#'
-are comments. A path may hold '#' and spaces, so nothing else is cut. The reason is
-written as "# reason", which readers that cut lines at '#' also take.
+are comments. A path may hold '#' and spaces, so nothing else is cut.
 """
 import logging
 import os
@@ -120,7 +119,7 @@ def verify_images(image_root: str, paths: Sequence[str], *, batch_size: int = 64
 
 def write_bad_list(path: str, bad: Sequence[Tuple[str, str]]) -> None:
     """Write the bad images as a path list (atomically): one per line, the relative path, a
-    TAB and "# reason" (with any line break in the reason turned into a space).
+    TAB and the reason (with any line break in the reason turned into a space).
 
     Args:
         path: The list file to write.
@@ -135,7 +134,7 @@ def write_bad_list(path: str, bad: Sequence[Tuple[str, str]]) -> None:
         problem = relative_path_problem(image)
         if problem is not None:
             raise ValueError(f"bad: {problem}, found {image!r}")
-        lines.append(f"{image}\t# {' '.join(reason.split())}\n")
+        lines.append(f"{image}\t{' '.join(reason.split())}\n")
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
 

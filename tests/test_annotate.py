@@ -112,6 +112,10 @@ def test_map_follows_the_image_regions(images, colour_model, annotated):
     assert store.classes == ["blue", "red"]
     assert store.labels.tolist() == [0, 0, 1, 1, 1]
     assert (store.topk, store.height, store.width) == (2, 4, 4)
+    for row, path in enumerate(store.paths):  # the sizes the loader plans crops with
+        width, height = Image.open(images / path).size
+        assert store.sizes[row].tolist() == [height, width]
+    assert store.sizes_adjust_orientation is False
     dense = densify(store)
     red = (dense[:, 1] > dense[:, 0]).int()
     left = torch.tensor([[1, 1, 0, 0]] * 4)
@@ -274,9 +278,9 @@ def test_killed_job_resumes_where_it_stopped(images, colour_model, annotated, tm
     written = []
     write = LabelMapWriter.write
 
-    def recording_write(self, rows, *rest):
+    def recording_write(self, rows, *rest, **kwargs):
         written.extend(int(row) for row in rows)
-        return write(self, rows, *rest)
+        return write(self, rows, *rest, **kwargs)
 
     monkeypatch.setattr(LabelMapWriter, "write", recording_write)
     with caplog.at_level(logging.INFO, logger="dali_relabel"):
@@ -303,6 +307,7 @@ def test_torchrun_ranks_share_the_work(images, colour_model, annotated, tmp_path
     merged, single = LabelMapStore.open(out), LabelMapStore.open(annotated)
     assert merged.paths == single.paths and merged.labels.tolist() == single.labels.tolist()
     assert torch.equal(merged.indices, single.indices)
+    assert torch.equal(merged.sizes, single.sizes)
     assert_close(merged.values, single.values, atol=2e-3, rtol=0)
     assert {key: merged.attrs[key] for key in ("model", "checkpoint_sha256", "input_size")} == {
         key: single.attrs[key] for key in ("model", "checkpoint_sha256", "input_size")}

@@ -99,6 +99,9 @@ def test_official_layout_reproduces_official_targets(release, tmp_path, capsys):
     assert store.paths == sorted(maps) and store.classes == CLASSES
     assert store.labels.tolist() == [int(path[1:9]) for path in store.paths]
     assert store.attrs["layout"] == "official"
+    for row, path in enumerate(store.paths):  # the sizes the loader plans crops with
+        width, height = Image.open(images / path).size
+        assert store.sizes[row].tolist() == [height, width]
     given = torch.stack([maps[path] for path in store.paths])
     coords, boxes, rows = crops(images, store.paths, seed=0)
     want = official_targets(given[rows], coords)
@@ -152,11 +155,11 @@ def test_interrupted_import_resumes(release, tmp_path, monkeypatch, caplog, caps
     write = LabelMapWriter.write
     written = []
 
-    def interrupted_write(self, rows, *rest):
+    def interrupted_write(self, rows, *rest, **kwargs):
         if written:
             raise KeyboardInterrupt
         written.extend(rows.tolist())
-        return write(self, rows, *rest)
+        return write(self, rows, *rest, **kwargs)
 
     monkeypatch.setattr(LabelMapWriter, "write", interrupted_write)
     with pytest.raises(KeyboardInterrupt):
@@ -168,9 +171,9 @@ def test_interrupted_import_resumes(release, tmp_path, monkeypatch, caplog, caps
                  "--layout", "hw"]) == 1
     assert "layout='official' (now 'hw')" in capsys.readouterr().err
 
-    def recording_write(self, rows, *rest):
+    def recording_write(self, rows, *rest, **kwargs):
         written.extend(rows.tolist())
-        return write(self, rows, *rest)
+        return write(self, rows, *rest, **kwargs)
 
     monkeypatch.setattr(LabelMapWriter, "write", recording_write)
     with caplog.at_level(logging.INFO, logger="dali_relabel"):

@@ -303,7 +303,7 @@ def test_exclude_and_missing_files(dataset, tmp_path):
     store = LabelMapStore.open(store_path, placement="memory")
     dropped = store.paths[:4]
     list_file = tmp_path / "bad.txt"
-    list_file.write_text("# verify output\n" + "\n".join(f"{p}  # reason" for p in dropped))
+    list_file.write_text("# verify output\n" + "\n".join(f"{p}\tempty file" for p in dropped))
     for exclude in (str(list_file), dropped):
         loader = ReLabelLoader(root, store_path, 2, device="cpu", image_size=16,
                                exclude=exclude, drop_last=False, return_meta=True,
