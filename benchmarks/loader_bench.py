@@ -410,7 +410,7 @@ def official_boxes(coords: Sequence[torch.Tensor]) -> torch.Tensor:
     """Collated crop coordinates -> [B, 4] float32 (x1, y1, x2, y2), normalized.
 
     As relabel_batch_fn: (top, left, h, w) -> (y1, x1, y2, x2); then, unlike the official
-    code, the columns in roi_align's (x1, y1, x2, y2) order (DESIGN.md).
+    code, the columns in roi_align's (x1, y1, x2, y2) order (the project's convention).
     """
     coords = torch.cat(coords, 0).view(4, -1).transpose(1, 0)
     coords[:, 2:] += coords[:, :2]

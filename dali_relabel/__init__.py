@@ -2,7 +2,7 @@
 
 Implements the LabelPooling supervision of Yun et al., "Re-labeling ImageNet: from Single to
 Multi-Labels, from Global to Localized Labels" (CVPR 2021) over top-k label maps held in one
-HDF5 file. See DESIGN.md for the conventions.
+HDF5 file. docs/design.md states the conventions and the design.
 """
 from dali_relabel.ops import MODES, label_pooling, reference_label_pooling
 from dali_relabel.store import LabelMapError, LabelMapStore, LabelMapWriter, write_labelmaps
