@@ -25,15 +25,15 @@ object keeps at least half of its area visible; the image lies in that class's f
 
 Label maps: the map's map_size x map_size cells split the image evenly (cell rows follow the
 image's vertical axis, as docs/design.md defines). coverage[c, h, w] is the visible area of
-class c inside cell (h, w) over the cell's area, exact from the pixel masks (each pixel a
-unit square). The stored logits are LOGIT_SCALE * coverage; a class absent from a cell has logit 0, as every
-class outside the top-k has after densifying. With LOGIT_SCALE = 10 a crop lying inside one
-object gets the target weight e^10 / (e^10 + C - 1), 0.9996 for C = 10; a crop covering a
-fraction f of an object gives it logit 10 f; a crop of background alone gets the uniform
-target. Pooled over the whole image (the mean of the cells) the largest logit is the original
-label's whenever topk >= 4 (the default is 5), so "global_single" targets equal "original"
-ones here, as in the paper's factor analysis. The top-k classes of every cell are stored
-(ties broken towards lower class indices), in the HDF5 format of `dali_relabel.store`.
+class c inside cell (h, w) over the cell's area, exact from the pixel masks (each pixel a unit
+square). The stored logits are LOGIT_SCALE * coverage; a class absent from a cell has logit 0,
+as every class outside the top-k has after densifying. With LOGIT_SCALE = 10 a crop lying
+inside one object gets the target weight e^10 / (e^10 + C - 1), 0.9996 for C = 10; a crop
+covering a fraction f of an object gives it logit 10 f; a crop of background alone gets the
+uniform target. Pooled over the whole image (the mean of the cells) the largest logit is the
+original label's whenever topk >= 4 (the default is 5), so "global_single" targets equal
+"original" ones here, as in the paper's factor analysis. The top-k classes of every cell are
+stored (ties broken towards lower class indices), in the HDF5 format of `dali_relabel.store`.
 
 Validation: the same generator with its own seed stream; folder = original label; the full
 label set (sorted class indices present in each image) goes to a JSON list of lists in sorted
