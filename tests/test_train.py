@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from conftest import make_boxes, make_label_maps
 import timm
-from dali_relabel import ValLoader, label_pooling, reference_label_pooling
+from dali_relabel import ReLabelLoader, ValLoader, label_pooling, reference_label_pooling
 from dali_relabel.synthetic import make_synthetic_imagenet
 
 TRAIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train")
@@ -131,6 +131,67 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny, tmp_path):
     assert state["step"] == len(read_jsonl(trace)) and 0 < state["step"] < 18
     loader = state["loaders"][0]
     assert loader["epoch"] * 6 + loader["batches_done"] == state["step"]
+
+
+def worker_pid(torchrun_pid, rank, timeout=60):
+    """The pid of torchrun's worker process of global rank `rank` (from its environment)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                if parent != torchrun_pid:
+                    continue
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                        return int(entry)
+            except OSError:  # the process ended meanwhile
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {torchrun_pid}")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny, tmp_path):
+    # 12 steps per rank and no progress sync before the epoch's end (--log-every 1000): only
+    # the per-step vote can stop the ranks mid-epoch.
+    trace, out = tmp_path / "trace.jsonl", tmp_path / "one"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         RUN, *tiny, "--batch-size", "2", "--log-every", "1000", "--epochs", "1",
+         "--output", str(out), "--trace-samples", str(trace)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_steps(trace, 2, process)
+    pid = worker_pid(process.pid, 1)
+    done = len(read_jsonl(trace))
+    os.kill(pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stopped by SIGTERM at step" in output
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert done <= state["step"] < 12 and len(read_jsonl(trace)) == state["step"]
+    assert [loader["batches_done"] for loader in state["loaders"]] == [state["step"]] * 2
+
+
+def test_last_batch_rows_are_the_rows_of_the_batch(tiny):
+    """What CutMix over a host store relies on: the epoch's order, sliced by position, gives
+    each batch's store rows, in an epoch resumed midway too."""
+    root, labelmaps = tiny[tiny.index("--data") + 1], tiny[tiny.index("--labelmaps") + 1]
+    loader = ReLabelLoader(root, labelmaps, 5, device="cpu", image_size=32, num_threads=1,
+                           seed=3, return_meta=True)
+    loader.load_state_dict(dict(loader.state_dict(), epoch=1, batches_done=2))
+    order = loader.epoch_order(loader.epoch)
+    batches = 0
+    for batch in loader:
+        assert torch.equal(run.last_batch_rows(loader, order), batch.sample_index)
+        batches += 1
+    assert batches == len(loader) - 2 == 7
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_device_cuda_without_cuda_names_the_option(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available"):
+        run.main([*tiny, "--device", "cuda", "--output", str(tmp_path / "cuda")])
 
 
 def test_non_finite_loss_stops_with_the_documented_message(tiny, tmp_path):

@@ -23,7 +23,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
 
 from dali_relabel import LABEL_MODES, ReLabelLoader, ValLoader  # noqa: E402
+from dali_relabel._loading import resolve_device  # noqa: E402
 from dali_relabel._utils import atomic_path, check_output_path  # noqa: E402
 
 logger = logging.getLogger("train")
@@ -211,17 +212,23 @@ class Distributed:
 
     def __init__(self, device: Optional[str], backend: Optional[str]) -> None:
         use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+        if use_cuda and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: CUDA is not available; use --device cpu")
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # The loaders' rule for a bare "cuda" (LOCAL_RANK modulo the visible GPUs, so that a
+        # launcher giving each process one visible GPU works too); the loaders then get this
+        # device explicitly.
+        self.device = resolve_device("cuda" if use_cuda else "cpu")[0]
         if use_cuda:
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device("cpu")
+            torch.cuda.set_device(self.device)
+        self.vote_group = None
         if self.world > 1:
             dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
                                     device_id=self.device if use_cuda else None)
+            # Votes travel as CPU tensors on their own gloo group: neither casting nor reading
+            # one waits for the GPU, and they never queue behind DDP's collectives.
+            self.vote_group = dist.new_group(backend="gloo")
 
     @property
     def main(self) -> bool:
@@ -232,6 +239,29 @@ class Distributed:
         if self.world > 1:
             dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor`, stacked: Tensor[world, *tensor.shape]."""
+        if self.world == 1:
+            return tensor[None]
+        out = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(out, tensor)
+        return torch.stack(out)
+
+    def start_vote(self, yes: bool) -> Callable[[], bool]:
+        """Starts asking every rank; the returned function waits for the answer: whether any
+        rank voted yes. Started at the beginning of a step and read at its end, the all-reduce
+        overlaps the step."""
+        if self.world == 1:
+            return lambda: yes
+        ballot = torch.tensor([float(yes)])
+        work = dist.all_reduce(ballot, group=self.vote_group, async_op=True)
+
+        def result() -> bool:
+            work.wait()
+            return ballot.item() > 0  # a CPU tensor: no GPU sync
+
+        return result
 
     def gather(self, obj: Any) -> List[Any]:
         if self.world == 1:
@@ -262,6 +292,22 @@ def smooth_labels(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def last_batch_rows(loader: ReLabelLoader, order: np.ndarray) -> torch.Tensor:
+    """The store rows of the batch `loader` yielded last, on the host, from its epoch's
+    `order` (loader.epoch_order): batch k is the k-th slice of it."""
+    state = loader.state_dict()
+    first = (state["batches_done"] - 1) * state["batch_size"]
+    return torch.from_numpy(order[first:first + state["batch_size"]])
+
+
+def gather_to(data: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows `rows` of host tensor `data`, gathered into pinned memory and copied to `device`
+    without waiting: a copy from pageable memory would synchronise the stream."""
+    out = torch.empty((len(rows), *data.shape[1:]), dtype=data.dtype, pin_memory=True)
+    torch.index_select(data, 0, rows, out=out)
+    return out.to(device, non_blocking=True)
 
 
 def save_atomic(obj: Dict[str, Any], path: str) -> None:
@@ -378,7 +424,7 @@ class Trainer:
         self.rng = np.random.default_rng([args.seed, dist_.rank])
         self.epoch, self.step, self.best = 0, 0, -1.0
         self.signalled = False  # set by the SIGTERM handler only
-        self.stop_agreed = False  # every rank's verdict at the last sync
+        self.stop_agreed = False  # all ranks agreed to stop (a SIGTERM reached one)
         self.last_good: Optional[str] = None
         self.metrics_path = os.path.join(args.output, "metrics.jsonl")
         self.last_path = os.path.join(args.output, "last.pt")
@@ -416,8 +462,9 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------
     def train_epoch(self) -> Dict[str, float]:
         """One epoch (or what is left of it after a resume). Losses accumulate on the device
-        and are all-reduced only every --log-every steps and at the end; the SIGTERM and
-        non-finite checks happen there, on every rank at the same step."""
+        and are gathered only every --log-every steps and at the end, where the non-finite
+        check happens; SIGTERM is agreed on every step by a vote that overlaps the step, so
+        every rank stops after the same step."""
         args, train, device = self.args, self.train, self.dist.device
         self.net.train()
         steps = len(train)
@@ -429,15 +476,23 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         samples, wait_s, step_s = 0, 0.0, 0.0
+        # Localized CutMix over a store on the host gathers each batch's rows there. Batch k
+        # reads the k-th slice of the epoch's order; taking the rows from it instead of
+        # reading batch.sample_index back from the GPU spares a host sync per step.
+        order = (train.epoch_order(train.epoch) if args.cutmix_prob > 0
+                 and args.label_mode.startswith("localized")
+                 and train.store.values.device != device else None)
         epoch_start = tick = time.perf_counter()
         for batch in train:
             fetched = time.perf_counter()
             wait_s += fetched - tick
+            stop_vote = self.dist.start_vote(self.signalled)
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(self.step, args, steps)
             images, targets = batch.images, batch.targets
             if args.cutmix_prob > 0 and self.rng.random() < args.cutmix_prob:
-                images, targets = self.mix(batch)
+                host_rows = None if order is None else last_batch_rows(train, order)
+                images, targets = self.mix(batch, host_rows)
             if args.label_mode == "original" and args.smoothing > 0:
                 targets = smooth_labels(targets, args.smoothing)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -458,11 +513,13 @@ class Trainer:
             tick = time.perf_counter()
             step_s += tick - fetched
             bar.update(1)
-            # At the epoch's last step the end-of-epoch path evaluates and checkpoints.
+            # At the epoch's last step the end-of-epoch path evaluates and checkpoints (and
+            # fit() stops there on a SIGTERM).
             mid_epoch = train.state_dict()["batches_done"] < steps
+            stop = stop_vote() and mid_epoch
             checkpoint_now = args.ckpt_every and self.step % args.ckpt_every == 0 and mid_epoch
-            if (self.step % args.log_every == 0 and mid_epoch) or checkpoint_now:
-                total_loss, total_samples, stop = self.sync(first_bad, loss_sum, samples)
+            if (self.step % args.log_every == 0 and mid_epoch) or checkpoint_now or stop:
+                total_loss, total_samples = self.sync(first_bad, loss_sum, samples)
                 pooling_s += train.label_pooling_ms() / 1e3
                 bar.set_postfix(loss=f"{total_loss / total_samples:.3f}",
                                 img_s=f"{total_samples / (tick - epoch_start):.0f}",
@@ -470,14 +527,15 @@ class Trainer:
                 if stop or checkpoint_now:
                     self.checkpoint(self.last_path)
                 if stop:
+                    self.stop_agreed = True
                     bar.close()
                     return {}
         bar.close()
-        self.sync(first_bad, loss_sum, samples)
+        total_loss, total_samples = self.sync(first_bad, loss_sum, samples)
         elapsed = time.perf_counter() - epoch_start
         pooling_s += train.label_pooling_ms() / 1e3
-        total_loss, total_samples, wait_s, step_s, pooling_s, elapsed = self.dist.all_sum(
-            [float(loss_sum), samples, wait_s, step_s, pooling_s, elapsed])
+        wait_s, step_s, pooling_s, elapsed = self.dist.all_sum(
+            [wait_s, step_s, pooling_s, elapsed])
         world, done = self.dist.world, max(1, steps - done_before)
         busy_s = wait_s + step_s
         total_samples, busy_s = max(1, total_samples), max(busy_s, 1e-9)
@@ -489,25 +547,26 @@ class Trainer:
                     label_pooling_overhead_pct=100 * pooling_s / busy_s)
 
     def sync(self, first_bad: torch.Tensor, loss_sum: torch.Tensor, samples: int) -> tuple:
-        """All-reduce the running loss; stop on a non-finite loss; agree on SIGTERM."""
-        bad_steps = [step for step in self.dist.gather(int(first_bad)) if step >= 0]
+        """(loss sum, samples) over all ranks; stops on a non-finite loss. One collective,
+        read back once: the only host sync of a logging step."""
+        mine = torch.stack([loss_sum, torch.full_like(loss_sum, samples), first_bad.double()])
+        losses, counts, bad = self.dist.all_gather(mine).T.tolist()
+        bad_steps = [int(step) for step in bad if step >= 0]
         if bad_steps:
             self.fail_non_finite(min(bad_steps))
-        total_loss, total_samples, stop = self.dist.all_sum(
-            [float(loss_sum), samples, float(self.signalled)])
-        self.stop_agreed = stop > 0
-        return total_loss, total_samples, self.stop_agreed
+        return sum(losses), sum(counts)
 
-    def mix(self, batch) -> tuple:
+    def mix(self, batch, host_rows: Optional[torch.Tensor]) -> tuple:
+        """CutMix of a batch; `host_rows`: its store rows on the host, needed (only) when the
+        store is on the host and the batch on the GPU."""
         images, rect = cutmix(batch.images, self.rng, self.args.cutmix_beta)
         if self.args.label_mode.startswith("localized"):
             store = self.train.store
             with self.train.time_label_pooling():
                 values, indices, rows = store.values, store.indices, batch.sample_index
                 if values.device != rows.device:  # a host store: the batch's rows only
-                    host_rows = rows.cpu()
-                    values = values.index_select(0, host_rows).to(rows.device)
-                    indices = indices.index_select(0, host_rows).to(rows.device)
+                    values, indices = (gather_to(data, host_rows, rows.device)
+                                       for data in (values, indices))
                     rows = torch.arange(len(host_rows), device=rows.device)
                 targets = localized_cutmix_targets(
                     values, indices, batch.boxes, batch.flip, rows, rect,
@@ -576,7 +635,7 @@ class Trainer:
                 logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in record.items()))
             last = record
-            self.stop_agreed = self.dist.all_sum([float(self.signalled)])[0] > 0
+            self.stop_agreed = self.dist.start_vote(self.signalled)()
             if self.stop_agreed:  # SIGTERM at the end of an epoch: it is saved
                 if self.dist.main:
                     logger.info("stopped by SIGTERM after epoch %d; wrote %s", self.epoch - 1,
