@@ -4,6 +4,7 @@ Skipped without CUDA (the CI machine has none; every path here has a CPU twin th
 of the suite runs). conftest.py switches triton's interpreter on for the session, so these
 run in a subprocess without it, where the kernel is compiled for the GPU.
 """
+import gc
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import textwrap
 import pytest
 import torch
 
+from conftest import make_label_maps
+from dali_relabel import LabelMapStore, write_labelmaps
 from test_loader import dataset  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -103,3 +106,26 @@ def test_compiled_triton_kernel_matches_reference():
 
 def test_loaders_on_cuda(dataset):  # noqa: F811
     run_without_interpreter(LOADER, *dataset)
+
+
+def test_pinned_store_is_page_locked_in_place(tmp_path):
+    values, indices = make_label_maps(37, 5, 1000, seed=7)
+    path = tmp_path / "maps.h5"
+    write_labelmaps(path, values, indices, labels=torch.arange(37) % 1000,
+                    paths=[f"img_{n}.JPEG" for n in range(37)],
+                    classes=[f"class_{c}" for c in range(1000)])
+    torch.cuda.init()  # host_memory_stats() is empty before
+    grown = torch.cuda.host_memory_stats()["num_host_alloc"]
+    pinned = LabelMapStore.open(path, placement="pinned")
+    mapped = LabelMapStore.open(path, placement="mmap")
+    for name in ("values", "indices", "labels"):
+        tensor = getattr(pinned, name)
+        assert tensor.is_pinned() and torch.equal(tensor, getattr(mapped, name))
+    # Registered in place: torch's caching host allocator, which rounds up to powers of two,
+    # did not grow.
+    assert torch.cuda.host_memory_stats()["num_host_alloc"] == grown
+    row = pinned.values[3]
+    pinned.close()
+    gc.collect()
+    assert row.is_pinned()  # the registration lives as long as a view of the memory
+    assert torch.equal(row.to("cuda", non_blocking=True).cpu(), mapped.values[3])
