@@ -31,6 +31,10 @@ setup(
         "torch>=2.4",
         "torchvision>=0.19",
         "nvidia-dali-cuda130>=2.0",
+        # The nvJPEG that DALI's GPU decoder loads (through nvImageCodec). Decoding a window
+        # (ROI) with jpeg_fancy_upsampling=True needs 13.2 or later: before, nvImageCodec notes
+        # wrong pixels at the window's edges or a slow path.
+        "nvidia-nvjpeg>=13.2",
         "triton>=3.0",
         "timm>=1.0",
         "numpy>=1.24",
