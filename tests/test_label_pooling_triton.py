@@ -63,14 +63,21 @@ def test_matches_reference_with_gather_and_flip(mode, num_classes, topk, output_
     # ulp high would take one more. The pooled logits show it; the epilogues are tested above.
     [pytest.param(3, torch.tensor([[0.0, 0.0, 0.6, 1.0], [0.2, 0.4, 1.0, 0.8]]),
                   id="S3-cell-aligned-9x15-12x6"),
-     pytest.param(5, torch.tensor([[0.0, 0.0, 1.0, 1.0], [1 / 3, 0.0, 1.0, 2 / 3]]),
-                  id="S5-cell-aligned-15x15-10x10"),
      pytest.param(3, pixel_boxes(2, 230, 173, seed=2), id="S3-whole-pixels-of-230x173"),
      pytest.param(5, pixel_boxes(2, 230, 173, seed=3), id="S5-whole-pixels-of-230x173")])
 def test_whole_pixel_boxes(output_size, boxes):
     values, indices = make_label_maps(2, 5, 100, seed=output_size)
     flip = torch.tensor([False, True])
     assert_matches_reference(values, indices, boxes, 100, output_size, "logits", flip=flip)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_s5_cell_aligned_boxes_with_gather_and_flip(mode):
+    """S = 5 in every mode; boxes of 15x15 and 10x10 cells take exactly 3 and 2 samples."""
+    values, indices = make_label_maps(4, 5, 100, seed=5)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1 / 3, 0.0, 1.0, 2 / 3]])
+    assert_matches_reference(values, indices, boxes, 100, 5, mode, flip=torch.tensor([False, True]),
+                             sample_index=torch.tensor([3, 1]))
 
 
 def test_without_gather_or_flip():
