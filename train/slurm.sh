@@ -11,8 +11,8 @@
 #SBATCH --requeue
 set -euo pipefail
 
-# torchrun gives its workers 30 s after forwarding SIGTERM: with --log-every 20 a rank notices
-# the signal within 20 steps and writes last.pt well inside that.
+# torchrun gives its workers 30 s after forwarding SIGTERM: the ranks agree on it at the end of
+# the next step (a vote every step) and write last.pt well inside that.
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 output=output/relabel-r50
 srun torchrun \
