@@ -275,3 +275,21 @@ def test_bad_arguments_name_themselves(tmp_path, argument, value):
     with pytest.raises(ValueError, match=argument):
         make_synthetic_imagenet(tmp_path / "data", **kwargs)
     assert not os.listdir(tmp_path)
+
+
+def test_the_command_makes_a_data_set_the_loaders_take(tmp_path, capsys):
+    from dali_relabel.cli import main
+    out = tmp_path / "synthetic"
+    assert main(["synthetic", "--out", str(out), "--classes", "3", "--train-per-class", "4",
+                 "--val-per-class", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"label maps: {out / 'train_labelmaps.h5'}" in printed
+    store = LabelMapStore.open(out / "train_labelmaps.h5")
+    assert len(store) == 12 and store.num_classes == 3 and store.topk == 3
+    for row, path in enumerate(store.paths):  # the sizes the loader plans crops with
+        width, height = Image.open(out / "train" / path).size
+        assert store.sizes[row].tolist() == [height, width]
+    images, targets = next(iter(ReLabelLoader(out / "train", store, 4, device="cpu",
+                                              image_size=32)))
+    assert images.shape == (4, 3, 32, 32) and targets.shape == (4, 3)
+    assert len(ValLoader(out / "val", 4, device="cpu", classes=store.classes)) == 2
