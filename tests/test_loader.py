@@ -11,37 +11,14 @@ import dali_relabel
 from conftest import make_label_maps
 from dali_relabel import LabelMapStore, reference_label_pooling
 from dali_relabel.loader import LABEL_MODES, ReLabelLoader, ValLoader
-
-NUM_IMAGES = 30
-NUM_CLASSES = 10
-RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # images come out as 0-255 pixels
-
-
-def textured_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """Blocky colour noise smoothed by bicubic upsampling: any shift of a crop shows."""
-    blocks = (rng.random((max(2, height // 12), max(2, width // 12), 3)) * 255).astype(np.uint8)
-    return Image.fromarray(blocks).resize((width, height), Image.BICUBIC)
+from jpeg_data import (NUM_CLASSES, NUM_IMAGES, RAW, make_jpeg_dataset, pil_crop,  # noqa: F401
+                       textured_image)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """An ImageFolder of JPEGs of varied sizes and a label-map store listing them."""
-    root = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    paths, labels = [], []
-    for i in range(NUM_IMAGES):
-        label = i % 3
-        width, height = (int(v) for v in rng.integers(90, 420, size=2))
-        relative = f"n0000000{label}/img_{i:03d}.JPEG"
-        os.makedirs(root / f"n0000000{label}", exist_ok=True)
-        textured_image(rng, width, height).save(root / relative, quality=95)
-        paths.append(relative)
-        labels.append(label)
-    values, indices = make_label_maps(NUM_IMAGES, 5, NUM_CLASSES, seed=1)
-    store_path = root.parent / "train_maps.h5"
-    dali_relabel.write_labelmaps(store_path, values, indices, np.array(labels), paths,
-                                 [f"n0000000{c}" for c in range(NUM_CLASSES)])
-    return str(root), str(store_path)
+    return make_jpeg_dataset(tmp_path_factory.mktemp("train"))
 
 
 def collect(loader, epochs=1):
@@ -51,22 +28,6 @@ def collect(loader, epochs=1):
 
 def cat(batches, field):
     return torch.cat([getattr(batch, field) for batch in batches])
-
-
-def pil_crop(path: str, box, size: int, flip: bool, orient: bool = False) -> np.ndarray:
-    """torchvision's way: PIL crop at the pixel box, bilinear resize, optional mirror."""
-    image = Image.open(path)
-    if orient:
-        from PIL import ImageOps
-        image = ImageOps.exif_transpose(image)
-    image = image.convert("RGB")
-    width, height = image.size
-    left, top, right, bottom = (np.asarray(box) * [width, height, width, height]).round()
-    crop = image.crop((int(left), int(top), int(right), int(bottom)))
-    crop = crop.resize((size, size), Image.BILINEAR)
-    if flip:
-        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(crop, dtype=np.float32)
 
 
 def loader_pixels(batch, k: int) -> np.ndarray:
@@ -313,11 +274,7 @@ def test_exclude_and_missing_files(dataset, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="30 of 30 images .* missing .* is image_root"):
         ReLabelLoader(tmp_path, store_path, 2, device="cpu")
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    for path in store.paths[1:]:
-        os.makedirs(partial / os.path.dirname(path), exist_ok=True)
-        os.symlink(os.path.join(root, path), partial / path)
+    partial = linked_copy(root, store.paths[1:], tmp_path / "partial")
     with pytest.raises(FileNotFoundError, match=f"1 of 30 images .*first: {store.paths[0]}"):
         ReLabelLoader(partial, store_path, 2, device="cpu")
     ReLabelLoader(partial, store_path, 2, device="cpu", exclude=[store.paths[0]])
@@ -439,6 +396,14 @@ def test_val_loader_matches_pil_and_covers_shards(dataset):
     assert sorted(torch.cat(labels).tolist()) == sorted(i % 3 for i in range(NUM_IMAGES))
 
 
+def linked_copy(root: str, paths, folder):
+    """`folder` with a link to each of the images, to spoil some without touching them."""
+    for path in paths:
+        os.makedirs(folder / os.path.dirname(path), exist_ok=True)
+        os.symlink(os.path.join(root, path), folder / path)
+    return folder
+
+
 def indexed_copy(dataset, tmp_path) -> str:
     """A copy of the dataset's store with /sizes, made as a user would: `dali-relabel index`."""
     import shutil
@@ -494,10 +459,7 @@ def test_a_bad_image_is_named_when_it_fails_to_decode(dataset, tmp_path):
     root, _ = dataset
     indexed = indexed_copy(dataset, tmp_path)
     paths = LabelMapStore.open(indexed).paths
-    broken = tmp_path / "broken"
-    for path in paths:
-        os.makedirs(broken / os.path.dirname(path), exist_ok=True)
-        os.symlink(os.path.join(root, path), broken / path)
+    broken = linked_copy(root, paths, tmp_path / "broken")
     os.remove(broken / paths[3])
     (broken / paths[3]).write_bytes(b"")
     os.remove(broken / paths[17])
@@ -518,10 +480,7 @@ def test_a_bad_image_is_named_when_it_fails_to_decode(dataset, tmp_path):
 def test_listed_paths_must_be_readable_regular_files(dataset, tmp_path):
     root, store_path = dataset
     paths = LabelMapStore.open(store_path).paths
-    odd = tmp_path / "odd"
-    for path in paths:
-        os.makedirs(odd / os.path.dirname(path), exist_ok=True)
-        os.symlink(os.path.join(root, path), odd / path)
+    odd = linked_copy(root, paths, tmp_path / "odd")
     os.remove(odd / paths[0])
     os.mkdir(odd / paths[0])
     os.remove(odd / paths[1])
