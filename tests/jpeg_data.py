@@ -1,0 +1,55 @@
+"""Test utilities for the loaders: a small ImageFolder of real JPEGs with a label-map store,
+and torchvision's way (PIL) of cropping them, to compare the loaders' pixels against."""
+import os
+
+import numpy as np
+from PIL import Image
+
+import dali_relabel
+from conftest import make_label_maps
+
+NUM_IMAGES = 30
+NUM_CLASSES = 10
+RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # images come out as 0-255 pixels
+
+
+def textured_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Blocky colour noise smoothed by bicubic upsampling: any shift of a crop shows."""
+    blocks = (rng.random((max(2, height // 12), max(2, width // 12), 3)) * 255).astype(np.uint8)
+    return Image.fromarray(blocks).resize((width, height), Image.BICUBIC)
+
+
+def make_jpeg_dataset(root) -> tuple:
+    """NUM_IMAGES JPEGs of varied sizes in 3 class folders under `root` (a pathlib.Path) and
+    a label-map store of NUM_CLASSES classes listing them, beside it: (root, store path)."""
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for i in range(NUM_IMAGES):
+        label = i % 3
+        width, height = (int(v) for v in rng.integers(90, 420, size=2))
+        relative = f"n0000000{label}/img_{i:03d}.JPEG"
+        os.makedirs(root / f"n0000000{label}", exist_ok=True)
+        textured_image(rng, width, height).save(root / relative, quality=95)
+        paths.append(relative)
+        labels.append(label)
+    values, indices = make_label_maps(NUM_IMAGES, 5, NUM_CLASSES, seed=1)
+    store_path = root.parent / f"{root.name}_maps.h5"
+    dali_relabel.write_labelmaps(store_path, values, indices, np.array(labels), paths,
+                                 [f"n0000000{c}" for c in range(NUM_CLASSES)])
+    return str(root), str(store_path)
+
+
+def pil_crop(path: str, box, size: int, flip: bool, orient: bool = False) -> np.ndarray:
+    """torchvision's way: PIL crop at the pixel box, bilinear resize, optional mirror."""
+    image = Image.open(path)
+    if orient:
+        from PIL import ImageOps
+        image = ImageOps.exif_transpose(image)
+    image = image.convert("RGB")
+    width, height = image.size
+    left, top, right, bottom = (np.asarray(box) * [width, height, width, height]).round()
+    crop = image.crop((int(left), int(top), int(right), int(bottom)))
+    crop = crop.resize((size, size), Image.BILINEAR)
+    if flip:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(crop, dtype=np.float32)
