@@ -5,6 +5,8 @@ Multi-Labels, from Global to Localized Labels" (CVPR 2021) over top-k label maps
 HDF5 file. docs/design.md states the conventions and the design.
 """
 from dali_relabel.ops import MODES, label_pooling, reference_label_pooling
+from dali_relabel.sparse_targets import (SparseTargets, soft_target_cross_entropy,
+                                         sparse_label_pooling)
 from dali_relabel.store import LabelMapError, LabelMapStore, LabelMapWriter, write_labelmaps
 
 __version__ = "0.1.0"
@@ -17,8 +19,11 @@ __all__ = [
     "LabelMapError",
     "LabelMapStore",
     "LabelMapWriter",
+    "SparseTargets",
     "label_pooling",
     "reference_label_pooling",
+    "soft_target_cross_entropy",
+    "sparse_label_pooling",
     "write_labelmaps",
     *_LOADER_NAMES,
 ]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import collections
 import time
+from typing import Union
 
 import numpy as np
 import torch
 
 from dali_relabel.ops import label_pooling
+from dali_relabel.sparse_targets import SparseTargets, class_dtype, sparse_label_pooling
 from dali_relabel.store import LabelMapStore
 
 __all__ = ["LABEL_MODES", "TargetMaker"]
@@ -124,22 +126,28 @@ class TargetMaker:
         fused_gather: Pool straight from the whole store by row (the store must be on
             `device`); else gather the batch's rows on the host (into pinned memory for a
             GPU) and copy them.
+        sparse: Make SparseTargets (rows [B] or [B, S*S]) instead of dense tensors, in every
+            label mode: the localized ones pool sparsely (softmax: the listed classes of each
+            bin's footprint; single: one class), the global ones give every token the
+            whole-image target (one row, expanded without a copy), "original" the label
+            with probability 1 (default: False).
     """
 
     def __init__(self, store: LabelMapStore, device: torch.device, *, label_mode: str,
-                 output_size: int, fused_gather: bool) -> None:
+                 output_size: int, fused_gather: bool, sparse: bool = False) -> None:
         assert label_mode in LABEL_MODES, label_mode
         self.store = store
         self.device = device
         self.label_mode = label_mode
         self.output_size = output_size
         self.fused_gather = fused_gather
+        self.sparse = sparse
         self._labels = store.labels.to(device)
         self._whole_image = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device)
         self.timer = _Timer(device)
 
     def __call__(self, boxes: torch.Tensor, flip: torch.Tensor,
-                 rows: torch.Tensor) -> torch.Tensor:
+                 rows: torch.Tensor) -> Union[torch.Tensor, SparseTargets]:
         """Targets for crops `boxes` of store rows `rows`.
 
         Args:
@@ -148,16 +156,22 @@ class TargetMaker:
             rows (Tensor[B]): int64 store rows, on the CPU.
 
         Returns:
-            Tensor[B, C] (or [B, S*S, C]) float32 on the device.
+            Tensor[B, C] (or [B, S*S, C]) float32 on the device; with `sparse`, SparseTargets
+            with rows [B] (or [B, S*S]).
         """
         with self.timer:
             return self._targets(boxes, flip, rows)
 
     def _targets(self, boxes: torch.Tensor, flip: torch.Tensor,
-                 rows: torch.Tensor) -> torch.Tensor:
+                 rows: torch.Tensor) -> Union[torch.Tensor, SparseTargets]:
         num_classes, size = self.store.num_classes, self.output_size
         if self.label_mode == "original":  # every label was checked at start
             labels = self._labels[rows.to(self.device, non_blocking=True)]
+            if self.sparse:
+                ones = torch.ones(len(labels), 1, device=self.device)
+                return self._per_token(SparseTargets(
+                    torch.zeros(len(labels), device=self.device),
+                    labels[:, None].to(class_dtype(num_classes)), ones, num_classes))
             return self._per_token(torch.nn.functional.one_hot(labels, num_classes).float())
         if self.label_mode.startswith("global"):
             # No localization: one whole-image target, the same for every token.
@@ -175,16 +189,23 @@ class TargetMaker:
             sample_index = None
         # Class ids and values were checked at start and the boxes come from the plan: skip
         # the data checks, which would cost a host sync on a GPU.
-        targets = label_pooling(values, indices, boxes, num_classes=num_classes,
-                                output_size=size, flip=flip, sample_index=sample_index,
-                                mode=mode, check_inputs=False)
+        pool = sparse_label_pooling if self.sparse else label_pooling
+        targets = pool(values, indices, boxes, num_classes=num_classes, output_size=size,
+                       flip=flip, sample_index=sample_index, mode=mode, check_inputs=False)
         return targets if size == self.output_size else self._per_token(targets)
 
-    def _per_token(self, targets: torch.Tensor) -> torch.Tensor:
+    def _per_token(self, targets: Union[torch.Tensor, SparseTargets]
+                   ) -> Union[torch.Tensor, SparseTargets]:
         """[B, C] targets as the loader's output shape: every token gets the same one."""
         if self.output_size == 1:
             return targets
-        return targets[:, None, :].expand(-1, self.output_size ** 2, -1).contiguous()
+        tokens = self.output_size ** 2
+        if isinstance(targets, SparseTargets):  # expanded views: no copy per token
+            return SparseTargets(targets.fill[:, None].expand(-1, tokens),
+                                 targets.classes[:, None].expand(-1, tokens, -1),
+                                 targets.probs[:, None].expand(-1, tokens, -1),
+                                 targets.num_classes)
+        return targets[:, None, :].expand(-1, tokens, -1).contiguous()
 
     def _host_gather(self, data: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         pinned = self.device.type == "cuda"
