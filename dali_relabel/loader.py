@@ -27,6 +27,7 @@ from dali_relabel.image_files import (IMAGE_EXTENSIONS, check_image_files, find_
                                       read_image_sizes)
 from dali_relabel.pipeline import IMAGENET_MEAN, IMAGENET_STD, READER_NAME, val_pipeline
 from dali_relabel.plan import EpochPlanner
+from dali_relabel.sparse_targets import SparseTargets
 from dali_relabel.store import LabelMapStore, read_header
 from dali_relabel.targets import LABEL_MODES, TargetMaker, check_store
 from dali_relabel.verify import read_path_list
@@ -47,7 +48,8 @@ class ReLabelBatch:
 
     Attributes:
         images (Tensor[B, 3, S, S]): normalized images on the loader's device.
-        targets (Tensor[B, C] or Tensor[B, S*S, C]): float32 targets on the device.
+        targets (Tensor[B, C] or Tensor[B, S*S, C]): float32 targets on the device, or
+            SparseTargets with rows [B] or [B, S*S] (``sparse_targets=True``).
         labels (Tensor[B]): original single labels (-1 if unknown).
         boxes (Tensor[B, 4]): crop boxes (x1, y1, x2, y2), normalized to the image.
         flip (Tensor[B]): bool, whether the crop was mirrored horizontally.
@@ -55,7 +57,7 @@ class ReLabelBatch:
     """
 
     images: torch.Tensor
-    targets: torch.Tensor
+    targets: Union[torch.Tensor, SparseTargets]
     labels: torch.Tensor
     boxes: torch.Tensor
     flip: torch.Tensor
@@ -141,6 +143,11 @@ class ReLabelLoader:
             "localized_multi").
         output_size: S; S > 1 gives token-level targets [B, S*S, C], mirrored with the image
             (default: 1).
+        sparse_targets: Yield targets as SparseTargets (per row the probability every
+            unlisted class gets and the listed (class, probability) pairs; ``.dense()`` gives
+            the tensor), which ``dali_relabel.soft_target_cross_entropy`` takes without
+            densifying (ImageNet's maps, S = 14, C = 1000: 15x less memory than dense)
+            (default: False).
         num_classes: The model's number of classes; checked against the store when given.
         seed: Base seed. The order of an epoch is seeded by (seed, epoch), the same on every
             rank; crops and flips by (seed, rank, epoch), so ranks and epochs differ and the
@@ -190,6 +197,7 @@ class ReLabelLoader:
         hflip: float = 0.5,
         label_mode: str = "localized_multi",
         output_size: int = 1,
+        sparse_targets: bool = False,
         num_classes: Optional[int] = None,
         seed: int = 0,
         shuffle: bool = True,
@@ -249,7 +257,8 @@ class ReLabelLoader:
             raise ValueError(f"fused_gather=True needs the store on {self.device}; it is on "
                              f"{self.store.values.device} (labelmaps_placement='device')")
         self.targets = TargetMaker(self.store, self.device, label_mode=label_mode,
-                                   output_size=output_size, fused_gather=fused_gather)
+                                   output_size=output_size, fused_gather=fused_gather,
+                                   sparse=sparse_targets)
         self.dtype, self.channels_last, self.return_meta = dtype, channels_last, return_meta
         self._decoder = PlannedDecoder(
             image_root=self.image_root, labelmaps=self.store.path, paths=self.store.paths,
