@@ -14,6 +14,7 @@ best.pt. `--resume auto` continues from last.pt, the loader's position included.
 """
 import argparse
 import datetime
+import functools
 import json
 import logging
 import math
@@ -34,14 +35,17 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cutmix import cutmix, localized_cutmix_targets  # noqa: E402
+from token_labeling import TokenLabelingModel, create_token_model, last_batch_plan  # noqa: E402
 
 import timm  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
 
-from dali_relabel import LABEL_MODES, ReLabelLoader, ValLoader  # noqa: E402
+from dali_relabel import (LABEL_MODES, ReLabelLoader, ValLoader,  # noqa: E402
+                          soft_target_cross_entropy)
 from dali_relabel._loading import resolve_device  # noqa: E402
 from dali_relabel._utils import atomic_path, check_output_path  # noqa: E402
+from dali_relabel.targets import TargetMaker  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -106,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="probability of CutMix per batch (default: 0.0)")
     optim.add_argument("--cutmix-beta", type=float, default=1.0,
                        help="CutMix Beta(beta, beta) (default: 1.0)")
+    optim.add_argument("--token-targets", type=int, default=0, metavar="S",
+                       help="token labeling for ViT-style models: every patch token also "
+                            "trains on its own target, LabelPooling over S x S bins of the "
+                            "crop (sparse); S is the model's token grid side (14 for a "
+                            "/16 model at 224), 0 = off (default: 0)")
+    optim.add_argument("--token-loss-weight", type=float, default=0.5,
+                       help="weight of the token loss beside the class-token loss "
+                            "(default: 0.5)")
     run = parser.add_argument_group("run")
     run.add_argument("--output", default="output/train", help="output folder "
                                                               "(default: output/train)")
@@ -204,6 +216,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.lr = DEMO_SGD_LR
     if args.data is not None and args.labelmaps is None:
         raise SystemExit("--labelmaps is required with --data")
+    if args.token_targets < 0:
+        raise SystemExit(f"--token-targets must be >= 0 (0 = off), got {args.token_targets}")
+    if args.token_targets and args.cutmix_prob > 0:
+        raise SystemExit("--token-targets does not combine with --cutmix-prob yet (CutMix "
+                         "mixes the crop targets only); use one of them")
     return args
 
 
@@ -387,7 +404,14 @@ class Trainer:
             args.data, args.labelmaps, args.batch_size, device=device,
             image_size=args.image_size, label_mode=args.label_mode, seed=args.seed,
             num_threads=args.threads, channels_last=args.channels_last,
-            exclude=args.exclude, return_meta=True)
+            exclude=args.exclude, return_meta=True, output_size=args.token_targets or 1,
+            sparse_targets=args.token_targets > 0)
+        self.crop_targets = None
+        if args.token_targets:  # the class token's target: the whole crop (S = 1)
+            self.crop_targets = TargetMaker(
+                self.train.store, device, label_mode=args.label_mode, output_size=1,
+                fused_gather=self.train.targets.fused_gather)
+            self.crop_targets.timer = self.train.targets.timer  # one label-pooling time
         self.val = None
         self.real = None
         if args.val_data:
@@ -401,9 +425,11 @@ class Trainer:
             global_batch = args.batch_size * dist_.world
             args.lr = 0.1 * global_batch / 256 if args.opt in SGD_NAMES else 1e-3
         torch.manual_seed(args.seed)
-        model = timm.create_model(args.model, pretrained=args.pretrained,
-                                  num_classes=self.train.num_classes,
-                                  drop_path_rate=args.drop_path or None)
+        create = (functools.partial(create_token_model, token_targets=args.token_targets,
+                                    image_size=args.image_size)
+                  if args.token_targets else timm.create_model)
+        model = create(args.model, pretrained=args.pretrained,
+                       num_classes=self.train.num_classes, drop_path_rate=args.drop_path or None)
         if args.checkpoint:
             state = load_checkpoint(args.checkpoint, option="--checkpoint")
             model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
@@ -415,10 +441,10 @@ class Trainer:
         self.optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr,
                                              weight_decay=args.weight_decay,
                                              momentum=args.momentum)
-        self.net = model
+        self.net = TokenLabelingModel(model) if args.token_targets else model
         if dist_.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+                self.net, device_ids=[device.index] if device.type == "cuda" else None)
         if args.compile:
             self.net = torch.compile(self.net)
         self.rng = np.random.default_rng([args.seed, dist_.rank])
@@ -482,6 +508,7 @@ class Trainer:
         order = (train.epoch_order(train.epoch) if args.cutmix_prob > 0
                  and args.label_mode.startswith("localized")
                  and train.store.values.device != device else None)
+        plan = train.planner.plan(train.epoch) if args.token_targets else None
         epoch_start = tick = time.perf_counter()
         for batch in train:
             fetched = time.perf_counter()
@@ -490,6 +517,9 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(self.step, args, steps)
             images, targets = batch.images, batch.targets
+            if args.token_targets:  # the loader's are the tokens'; the crop's come here
+                token_targets, targets = targets, self.crop_targets(
+                    *last_batch_plan(train, plan))
             if args.cutmix_prob > 0 and self.rng.random() < args.cutmix_prob:
                 host_rows = None if order is None else last_batch_rows(train, order)
                 images, targets = self.mix(batch, host_rows)
@@ -497,7 +527,12 @@ class Trainer:
                 targets = smooth_labels(targets, args.smoothing)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 logits = self.net(images)
+            if args.token_targets:
+                logits, token_logits = logits
             loss = soft_cross_entropy(logits, targets)
+            if args.token_targets:
+                loss = loss + args.token_loss_weight * soft_target_cross_entropy(
+                    token_logits, token_targets)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -1,0 +1,82 @@
+"""Token targets end to end: ReLabelLoader(sparse_targets=True) against the dense loader, and
+train/run.py's token labeling (--token-targets) on a ViT over the tiny synthetic dataset."""
+import os
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dali_relabel import ReLabelLoader, SparseTargets
+from dali_relabel.synthetic import make_synthetic_imagenet
+
+TRAIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train")
+sys.path.insert(0, TRAIN_DIR)
+import run  # noqa: E402
+from token_labeling import last_batch_plan  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_synthetic_imagenet(tmp_path_factory.mktemp("synthetic"), num_classes=4,
+                                   train_per_class=8, val_per_class=2, topk=3,
+                                   image_size=(40, 64), progress=False)
+
+
+@pytest.mark.parametrize("label_mode", ["localized_multi", "global_multi"])
+def test_loader_sparse_targets_equal_the_dense_ones(tiny, label_mode):
+    kwargs = dict(device="cpu", image_size=32, output_size=3, label_mode=label_mode, seed=3,
+                  return_meta=True, num_threads=1)
+    dense = list(ReLabelLoader(tiny.train_root, tiny.labelmaps, 8, **kwargs))
+    loader = ReLabelLoader(tiny.train_root, tiny.labelmaps, 8, sparse_targets=True, **kwargs)
+    plan = loader.planner.plan(0)
+    for want, batch in zip(dense, loader):
+        assert isinstance(batch.targets, SparseTargets) and batch.targets.fill.shape == (8, 9)
+        assert_close(batch.targets.dense(), want.targets, atol=1e-6, rtol=0)
+        # The trainer's host copy of the batch's boxes, flips and rows.
+        boxes, flips, rows = last_batch_plan(loader, plan)
+        assert torch.equal(boxes, batch.boxes) and torch.equal(flips, batch.flip)
+        assert torch.equal(rows, batch.sample_index)
+
+
+def demo_args(tiny, tmp_path, *extra):
+    return ["--data", tiny.train_root, "--labelmaps", tiny.labelmaps, "--val-data",
+            tiny.val_root, "--model", "vit_tiny_patch16_224", "--image-size", "64",
+            "--val-resize", "72", "--batch-size", "8", "--threads", "1", "--epochs", "1",
+            "--opt", "adamw", "--output", str(tmp_path / "run"), *extra]
+
+
+def test_one_epoch_of_token_labeling_on_a_vit(tiny, tmp_path):
+    record = run.main(demo_args(tiny, tmp_path, "--token-targets", "4"))
+    assert torch.isfinite(torch.tensor(record["train_loss"]))
+    assert 0 <= record["val_top1"] <= 100 and record["label_pooling_ms"] > 0
+    # The saved model is the plain timm model (the token head is its own head).
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert "head.weight" in state["model"]
+
+
+def test_token_model_forward_and_loss(tiny, tmp_path):
+    """The token logits are the patch tokens through the model's head, and the token loss
+    of sparse targets equals the dense one."""
+    from token_labeling import TokenLabelingModel, create_token_model
+
+    model = create_token_model("vit_tiny_patch16_224", token_targets=4, image_size=64,
+                               num_classes=4).eval()
+    images = torch.randn(2, 3, 64, 64)
+    logits, tokens = TokenLabelingModel(model)(images)
+    assert_close(logits, model(images))
+    features = model.forward_features(images)
+    assert tokens.shape == (2, 16, 4)
+    assert_close(tokens, model.head(features[:, 1:]))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--token-targets", "5"], "--token-targets 5: --model vit_tiny_patch16_224 at "
+                               "--image-size 64 has a 4 x 4 token grid; pass --token-targets 4"),
+    (["--token-targets", "4", "--model", "resnet10t"], "needs a ViT-style timm model"),
+    (["--token-targets", "4", "--cutmix-prob", "0.5"], "does not combine with --cutmix-prob"),
+    (["--token-targets", "-1"], "--token-targets must be >= 0"),
+])
+def test_bad_token_options_are_named(tiny, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        run.main(demo_args(tiny, tmp_path, *extra))
