@@ -6,13 +6,18 @@ flips and the resume position, all decided on the host), the DALI run of a plan
 (``dali_relabel.epoch``) and the targets (``dali_relabel.targets``: LabelPooling of the
 planned boxes in one of the paper's label modes).
 
+Both offer what training scripts written for ``torch.utils.data.DataLoader`` use of it
+(``len``, ``dataset``, ``sampler.set_epoch``, ``classes``), so that torchvision's or timm's
+reference script switches by changing the lines that build its loaders.
+
 ``ValLoader`` is the matching evaluation loader over an ImageFolder tree.
 """
 import dataclasses
 import logging
+import math
 import os
 import warnings
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,18 +27,21 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from dali_relabel._loading import (check_range, dali_image_dtype, finish_images,
                                    resolve_device, resolve_shard)
 from dali_relabel._utils import check_positive_int, cpu_share
+from dali_relabel.augment import Augmentations, GraphFeed, random_erase
 from dali_relabel.epoch import PlannedDecoder
 from dali_relabel.image_files import (IMAGE_EXTENSIONS, check_image_files, find_images,
                                       read_image_sizes)
-from dali_relabel.pipeline import IMAGENET_MEAN, IMAGENET_STD, READER_NAME, val_pipeline
-from dali_relabel.plan import EpochPlanner
+from dali_relabel.mixing import MIXUP_MODES, Mixer, Mixing
+from dali_relabel.pipeline import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, READER_NAME,
+                                   val_pipeline)
+from dali_relabel.plan import EpochPlan, EpochPlanner
 from dali_relabel.sparse_targets import SparseTargets
 from dali_relabel.store import LabelMapStore, read_header
 from dali_relabel.targets import LABEL_MODES, TargetMaker, check_store
 from dali_relabel.verify import read_path_list
 
-__all__ = ["LABEL_MODES", "IMAGE_EXTENSIONS", "ReLabelBatch", "ReLabelLoader", "ValLoader",
-           "find_images"]
+__all__ = ["LABEL_MODES", "IMAGE_EXTENSIONS", "MIXUP_MODES", "LoaderDataset", "ReLabelBatch",
+           "ReLabelLoader", "ValLoader", "find_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,13 @@ class ReLabelBatch:
         boxes (Tensor[B, 4]): crop boxes (x1, y1, x2, y2), normalized to the image.
         flip (Tensor[B]): bool, whether the crop was mirrored horizontally.
         sample_index (Tensor[B]): int64 rows of the label-map store (and of its /paths).
+        lam (Tensor[B]): float32 share of each image that is its own after mixing (timm's
+            lambda, CutMix's corrected to the pasted area); 1 where nothing was mixed.
+        cutmix (Tensor[B]): bool, mixed by CutMix (else by mixup, where lam < 1).
+        cut_box (Tensor[B, 4]): CutMix's pasted rectangle (x1, y1, x2, y2), normalized to
+            the output image as shown (after the flip); zeros without CutMix.
+        partner (Tensor[B]): int64 index in the batch of the image mixed in (the batch
+            reversed, as timm's flip(0)).
     """
 
     images: torch.Tensor
@@ -62,6 +77,48 @@ class ReLabelBatch:
     boxes: torch.Tensor
     flip: torch.Tensor
     sample_index: torch.Tensor
+    lam: torch.Tensor
+    cutmix: torch.Tensor
+    cut_box: torch.Tensor
+    partner: torch.Tensor
+
+
+class LoaderDataset:
+    """``loader.dataset``: what scripts read of a torchvision dataset, its size and classes.
+
+    Attributes:
+        root: The image folder.
+        classes: Class names in index order.
+    """
+
+    def __init__(self, root: str, classes: Sequence[str], size: int) -> None:
+        self.root = root
+        self.classes = list(classes)
+        self._size = size
+
+    def __len__(self) -> int:
+        """Images in the split (every shard's, after exclusions)."""
+        return self._size
+
+
+class EpochSampler:
+    """``loader.sampler``: ``set_epoch`` as DistributedSampler's, for scripts that call it."""
+
+    def __init__(self, set_epoch: Callable[[int], None], size: int) -> None:
+        self._set_epoch = set_epoch
+        self._size = size
+
+    def set_epoch(self, epoch: int) -> None:
+        self._set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Samples this rank reads per epoch."""
+        return self._size
+
+
+def _check_epoch(epoch: int) -> None:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
 
 
 def _open_store(labelmaps, placement: Optional[str], device: torch.device) -> LabelMapStore:
@@ -111,10 +168,11 @@ def _image_sizes(store: LabelMapStore, image_root: str, rows: np.ndarray,
 class ReLabelLoader:
     """Training loader: random-resized-crop images and their ReLabel targets.
 
-    Iterating yields ``(images, targets)`` on ``device`` (or a :class:`ReLabelBatch` with
-    ``return_meta=True``); ``len(loader)`` is the number of batches per epoch of this rank.
-    Each ``iter()`` runs the next epoch (an epoch left early counts as done), except after
-    ``load_state_dict``, when it finishes the saved epoch; ``set_epoch`` chooses one.
+    Iterating yields ``(images, targets)`` on ``device`` (``(images, targets, labels)`` with
+    ``return_labels=True``, a :class:`ReLabelBatch` with ``return_meta=True``);
+    ``len(loader)`` is the number of batches per epoch of this rank. Each ``iter()`` runs the
+    next epoch (an epoch left early counts as done), except after ``load_state_dict``, when it
+    finishes the saved epoch; ``set_epoch`` (or ``loader.sampler.set_epoch``) chooses one.
     Example::
 
         loader = ReLabelLoader("train/", "relabel.h5", 256, device="cuda")
@@ -122,9 +180,16 @@ class ReLabelLoader:
             for images, targets in loader:
                 loss = torch.sum(-targets * model(images).log_softmax(-1), -1).mean()
 
-    Everything random about an epoch (order, crop windows, flips) is planned on the host
-    before DALI runs, from the images' sizes: the store's /sizes, or their headers, read at
-    start when the store has none (`dali-relabel index` stores them).
+    Everything random about an epoch (order, crop windows, flips, augmentation and mixing
+    parameters) is planned on the host before DALI runs, from the images' sizes: the store's
+    /sizes, or their headers, read at start when the store has none (`dali-relabel index`
+    stores them).
+
+    Augmentations take timm's ``create_loader`` names and are off by default; none moves the
+    crop window, so the targets are those of the crop. Per image, in order: crop, flip,
+    ``auto_augment``, ``color_jitter``, ``lighting``, normalization (all in the DALI graph,
+    on the GPU when there is one); then per batch on the device: mixup/CutMix, then random
+    erasing (the order of timm's GPU prefetcher).
 
     Args:
         image_root: Folder the store's /paths are relative to.
@@ -181,7 +246,41 @@ class ReLabelLoader:
         check_sizes: Check every decoded image's size against the planned one, so that a
             stale /sizes (e.g. a resized copy of the data set) stops with a named file
             instead of training on wrong windows (default: True).
+        color_jitter: torchvision's ColorJitter: a float x (brightness, contrast and
+            saturation factors uniform in [max(0, 1-x), 1+x]) or (b, c, s) or (b, c, s, h),
+            each a float or a (min, max) range (hue: h gives [-h, h], h <= 0.5). Applied in
+            a random order per image, as torchvision does, on float pixels clamped to
+            [0, 255] after each operation (default: None, off).
+        force_color_jitter: Apply color_jitter together with auto_augment; as in timm, a
+            policy replaces colour jitter otherwise (default: False).
+        lighting: alphastd of the PCA lighting noise of fb.resnet.torch and the official
+            ReLabel recipe (0.1 there): each image gets eigvec @ (alpha * eigval) added
+            (AlexNet's ImageNet eigenvalues and eigenvectors, 0-1 scale), alpha ~
+            N(0, alphastd) per component (default: 0.0, off).
+        auto_augment: timm's policy string: "rand-m9-mstd0.5-inc1" style RandAugment (m, n,
+            p, mstd, mmax, inc, tweights; timm's operations and magnitude scale, m out of
+            10), AutoAugment "original", "originalr", "v0", "v0r" (optionally "-mstd0.5"),
+            or "ta_wide" / "trivialaugment" (torchvision's TrivialAugmentWide) (default:
+            None, off).
+        re_prob: Random erasing probability per image, as timm's RandomErasing on the
+            normalized image (default: 0.0, off).
+        re_mode: Erased pixels: "const" (zeros), "rand" (a normal colour per rectangle) or
+            "pixel" (normal noise per pixel) (default: "const").
+        re_count: Rectangles per erased image, uniform in [1, re_count] (default: 1).
+        mixup_alpha: Mixup Beta(alpha, alpha), as timm's Mixup; > 0 turns it on (default:
+            0.0).
+        cutmix_alpha: CutMix Beta(alpha, alpha); > 0 turns it on. With localized labels the
+            pasted rectangle's share of the target is LabelPooling over the partner's pasted
+            pixels (default: 0.0).
+        cutmix_minmax: CutMix box sides as fractions (min, max) of the image's instead of
+            drawn from lambda; turns CutMix on (default: None).
+        mixup_prob: Probability of mixing per batch, pair or element (default: 1.0).
+        mixup_switch_prob: Probability of CutMix instead of mixup when both are on
+            (default: 0.5).
+        mixup_mode: "batch" (one draw per batch), "pair" or "elem" (default: "batch").
         return_meta: Yield ReLabelBatch objects (default: False).
+        return_labels: Yield (images, targets, labels), the original labels (-1 if unknown)
+            on the device beside the targets (default: False).
     """
 
     def __init__(
@@ -216,11 +315,39 @@ class ReLabelLoader:
         labelmaps_placement: Optional[str] = None,
         fused_gather: Optional[bool] = None,
         check_sizes: bool = True,
+        color_jitter: Union[None, float, Sequence[Any]] = None,
+        force_color_jitter: bool = False,
+        lighting: float = 0.0,
+        auto_augment: Optional[str] = None,
+        re_prob: float = 0.0,
+        re_mode: str = "const",
+        re_count: int = 1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        cutmix_minmax: Optional[Tuple[float, float]] = None,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: str = "batch",
         return_meta: bool = False,
+        return_labels: bool = False,
     ) -> None:
         for name, value in (("batch_size", batch_size), ("image_size", image_size),
                             ("output_size", output_size), ("prefetch", prefetch)):
             check_positive_int(name, value)
+        if return_meta and return_labels:
+            raise ValueError("return_meta and return_labels are exclusive: a ReLabelBatch "
+                             "holds the labels")
+        self.augment = Augmentations.create(
+            color_jitter=color_jitter, force_color_jitter=force_color_jitter,
+            lighting=lighting, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode,
+            re_count=re_count)
+        self.mixing = Mixing.create(
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax,
+            mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob, mixup_mode=mixup_mode,
+            image_size=image_size)
+        if sparse_targets and self.mixing.enabled:
+            raise ValueError("sparse_targets=True cannot be mixed yet (mixup_alpha, "
+                             "cutmix_alpha): mixing blends dense targets")
         if label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
         scale, ratio = check_range("scale", scale, 0.0), check_range("ratio", ratio, 0.0)
@@ -259,7 +386,14 @@ class ReLabelLoader:
         self.targets = TargetMaker(self.store, self.device, label_mode=label_mode,
                                    output_size=output_size, fused_gather=fused_gather,
                                    sparse=sparse_targets)
-        self.dtype, self.channels_last, self.return_meta = dtype, channels_last, return_meta
+        self.image_size, self.dtype, self.channels_last = image_size, dtype, channels_last
+        self.return_meta, self.return_labels = return_meta, return_labels
+        self._mixer = Mixer(self.targets, image_size) if self.mixing.enabled else None
+        self.mixup_enabled = self.mixing.enabled  # timm's switch (--mixup-off-epoch)
+        self.dataset = LoaderDataset(self.image_root, self.store.classes, len(rows))
+        self.sampler = EpochSampler(self.set_epoch, self.planner.shard_size)
+        in_graph = self.augment.in_graph
+        self._augment_feed = GraphFeed(self.augment.graph_inputs, batch_size)
         self._decoder = PlannedDecoder(
             image_root=self.image_root, labelmaps=self.store.path, paths=self.store.paths,
             sizes=self.planner.sizes, check_sizes=check_sizes,
@@ -268,7 +402,9 @@ class ReLabelLoader:
             channels_last=channels_last, adjust_orientation=adjust_orientation,
             jpeg_fancy_upsampling=jpeg_fancy_upsampling, batch_size=batch_size,
             num_threads=num_threads or cpu_share(), device_id=device_id,
-            prefetch_queue_depth=prefetch)
+            prefetch_queue_depth=prefetch, augment=self.augment if in_graph else None,
+            augment_source=self._augment_feed if in_graph else None,
+            enable_conditionals=in_graph)
         self._epoch, self._batches_done = 0, 0
         self._running = False  # an iteration has started and not finished
         self._resuming = False  # load_state_dict set a position for the next iteration
@@ -276,6 +412,10 @@ class ReLabelLoader:
     @property
     def num_classes(self) -> int:
         return self.store.num_classes
+
+    @property
+    def classes(self) -> List[str]:
+        return self.dataset.classes
 
     @property
     def shard_id(self) -> int:
@@ -296,8 +436,7 @@ class ReLabelLoader:
         Setting the epoch a resumed loader is in keeps its position (so the usual
         ``load_state_dict`` then ``set_epoch`` loop neither repeats nor skips samples).
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        _check_epoch(epoch)
         if epoch == self._epoch and self._resuming:
             return
         self._epoch, self._batches_done = epoch, 0
@@ -310,28 +449,59 @@ class ReLabelLoader:
         """Store rows this rank reads in `epoch`, in order: its slice of the global shuffle."""
         return self.planner.order(epoch)
 
-    def __iter__(self) -> Iterator[Union[Tuple[torch.Tensor, torch.Tensor], ReLabelBatch]]:
+    def __iter__(self) -> Iterator[Union[Tuple[torch.Tensor, ...], ReLabelBatch]]:
         if self._running:  # the previous iteration stopped early: next epoch
             self._epoch, self._batches_done = self._epoch + 1, 0
         self._running, self._resuming = True, False
-        plan = self.planner.plan(self._epoch).skip(self._batches_done)
+        plan = self.planner.plan(self._epoch)
+        extras = self._plan_extras(plan)
+        plan = plan.skip(self._batches_done)
         if len(plan.rows):
+            self._augment_feed.plan = extras
             for images, samples in self._decoder.run(plan):
                 self._batches_done += 1
                 yield self._batch(images, plan.boxes[samples], plan.flips[samples],
-                                  plan.rows[samples])
+                                  plan.rows[samples],
+                                  {name: value[samples] for name, value in extras.items()})
         self._epoch, self._batches_done, self._running = self._epoch + 1, 0, False
 
+    def _plan_extras(self, plan: EpochPlan) -> Dict[str, np.ndarray]:
+        """The epoch's augmentation and mixing draws (seeded by seed, rank and epoch, apart
+        from the crops), without the batches a resumed epoch skips."""
+        planner, n = self.planner, len(plan.rows)
+        rng = np.random.default_rng([planner.seed, planner.shard_id, plan.epoch, 1])
+        extras = self.augment.plan(n, self.image_size, rng)
+        if self.mixing.enabled:
+            extras.update(self.mixing.plan(n, planner.batch_size, self.image_size, rng))
+        start = self._batches_done * planner.batch_size
+        return {name: value[start:] for name, value in extras.items()}
+
     def _batch(self, images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray,
-               rows: np.ndarray):
+               rows: np.ndarray, extras: Dict[str, np.ndarray]):
         boxes, flips, rows = (torch.from_numpy(a) for a in (boxes, flips, rows))
         targets = self.targets(boxes, flips, rows)
         images = finish_images(images, self.device, self.dtype, self.channels_last)
+        mixed = self._mixer is not None and self.mixup_enabled
+        if mixed:
+            images, targets = self._mixer(images, targets, boxes, flips, rows, extras)
+        if self.augment.re_prob > 0:
+            images = random_erase(images, extras["erase_boxes"], self.augment.re_mode,
+                                  int(extras["erase_seed"][0]))
+        if self.return_labels:
+            return images, targets, self.targets.labels(rows)
         if not self.return_meta:
             return images, targets
+        n = len(rows)
+        lam, cut, box = ((extras["mix_lam"], extras["mix_cut"], extras["mix_box"]) if mixed
+                         else (np.ones(n, np.float32), np.zeros(n, bool),
+                               np.zeros((n, 4), np.int32)))
+        cut_box = (box[:, [1, 0, 3, 2]] / np.float32(self.image_size)).astype(np.float32)
+        on_device = {name: torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
+                     for name, value in dict(lam=lam, cutmix=cut, cut_box=cut_box,
+                                             partner=np.arange(n)[::-1]).items()}
         return ReLabelBatch(images=images, targets=targets, labels=self.targets.labels(rows),
                             boxes=boxes.to(self.device), flip=flips.to(self.device),
-                            sample_index=rows.to(self.device))
+                            sample_index=rows.to(self.device), **on_device)
 
     def time_label_pooling(self):
         """A context manager that counts its block into label_pooling_ms() (for targets made
@@ -381,18 +551,25 @@ class ReLabelLoader:
 class ValLoader:
     """Validation loader over an ImageFolder tree: resize, centre crop, original labels.
 
-    As torchvision's Resize(resize_size) + CenterCrop(image_size) on PIL images, except that
-    the crop offset rounds half up where torchvision rounds half to even (at most one pixel).
+    As torchvision's Resize(resize_size) + CenterCrop(image_size) on PIL images (antialiased
+    bilinear or bicubic), except that the crop offset rounds half up where torchvision rounds
+    half to even (at most one pixel). timm's evaluation transform is the same with
+    resize_size = floor(image_size / crop_pct): give resize_size (torchvision's reference
+    script) or crop_pct (timm's), not both.
 
     Yields ``(images, labels)`` on ``device``; across shards every image comes exactly once
-    (the last batch is partial). Iterate it once per evaluation.
+    (the last batch is partial). Iterate it once per evaluation. ``len(loader.dataset)``
+    counts the images of every shard; ``loader.sampler.set_epoch`` does nothing.
 
     Args:
         image_root: ImageFolder root (one folder per class).
         batch_size: Images per batch and rank.
         device: "cuda" or "cpu" (default: "cuda").
         image_size: Side of the centre crop (default: 224).
-        resize_size: Shorter side after resizing (default: 256).
+        resize_size: Shorter side after resizing (default: 256, unless crop_pct is given).
+        crop_pct: timm's crop fraction: the shorter side is resized to
+            floor(image_size / crop_pct) (default: None).
+        interpolation: "bilinear" or "bicubic" (default: "bilinear").
         classes: Class names in index order (e.g. the training store's /classes); default:
             the sorted folder names. Folders not listed raise a ValueError.
         shard_id: This rank's shard (default: the global rank, as for ReLabelLoader).
@@ -414,7 +591,9 @@ class ValLoader:
         *,
         device: Union[str, torch.device] = "cuda",
         image_size: int = 224,
-        resize_size: int = 256,
+        resize_size: Optional[int] = None,
+        crop_pct: Optional[float] = None,
+        interpolation: str = "bilinear",
         classes: Optional[Sequence[str]] = None,
         shard_id: Optional[int] = None,
         num_shards: Optional[int] = None,
@@ -429,7 +608,20 @@ class ValLoader:
     ) -> None:
         check_positive_int("batch_size", batch_size)
         check_positive_int("image_size", image_size)
+        if resize_size is not None and crop_pct is not None:
+            raise ValueError(f"give resize_size (torchvision) or crop_pct (timm), not both: got "
+                             f"resize_size={resize_size!r} and crop_pct={crop_pct!r}")
+        if crop_pct is not None:
+            if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not (
+                    0.0 < crop_pct <= 1.0):
+                raise ValueError(f"crop_pct must be a float in (0, 1], got {crop_pct!r}")
+            resize_size = math.floor(image_size / crop_pct)
+        elif resize_size is None:
+            resize_size = 256
         check_positive_int("resize_size", resize_size)
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, got "
+                             f"{interpolation!r}")
         if resize_size < image_size:
             raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}")
         self.device, self._device_id = resolve_device(device)
@@ -447,17 +639,24 @@ class ValLoader:
         if not self.paths:
             raise ValueError(f"no images found under {self.image_root!r}")
         self.labels = [index[path.split("/", 1)[0]] for path in self.paths]
+        self.dataset = LoaderDataset(self.image_root, self.classes, len(self.paths))
         self.batch_size = batch_size
         self.dtype = dtype
         self.channels_last = channels_last
         self.indices = list(range(self.shard_id, len(self.paths), self.num_shards))
+        self.sampler = EpochSampler(_check_epoch, len(self.indices))
         self._pipeline_args = dict(
             decoder_device="mixed" if self._device_id is not None else "cpu",
-            image_size=image_size, resize_size=resize_size, mean=tuple(mean), std=tuple(std),
+            image_size=image_size, resize_size=resize_size, interpolation=interpolation,
+            mean=tuple(mean), std=tuple(std),
             dtype=dali_image_dtype(dtype), channels_last=channels_last,
             adjust_orientation=adjust_orientation, jpeg_fancy_upsampling=jpeg_fancy_upsampling,
             batch_size=batch_size, num_threads=num_threads or cpu_share(),
             device_id=self._device_id, seed=0)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)

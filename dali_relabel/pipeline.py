@@ -4,26 +4,31 @@ The training graph does no random work of its own: the loader's epoch plan fixes
 of the files, every crop window and every flip before DALI runs. The graph reads the planned
 files (in DALI's threads), ROI-decodes exactly the planned window ("mixed" on a GPU, "cpu"
 otherwise), resizes, flips as planned and normalizes, so the ReLabel targets pooled from the
-planned boxes describe exactly the decoded pixels.
+planned boxes describe exactly the decoded pixels. Optional augmentations (``augment.py``) run
+between the resize and the normalization, with parameters planned on the host as well.
 """
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "READER_NAME", "train_pipeline", "val_pipeline"]
+from dali_relabel.augment import Augmentations
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "READER_NAME", "train_pipeline",
+           "val_pipeline"]
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 READER_NAME = "Reader"
+INTERPOLATIONS = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
-def _normalize(images, *, flip, mean: Sequence[float], std: Sequence[float], dtype,
-               channels_last: bool, crop: Tuple[int, int] = None):
+def _normalize(images, *, flip, mean, std: Sequence[float], dtype, channels_last: bool,
+               crop: Tuple[int, int] = None):
     kwargs = dict(crop=crop, crop_pos_x=0.5, crop_pos_y=0.5) if crop is not None else {}
-    return fn.crop_mirror_normalize(images, mirror=flip, mean=list(mean), std=list(std),
+    return fn.crop_mirror_normalize(images, mirror=flip, mean=mean, std=list(std),
                                     dtype=dtype, output_layout="HWC" if channels_last else "CHW",
                                     **kwargs)
 
@@ -31,11 +36,14 @@ def _normalize(images, *, flip, mean: Sequence[float], std: Sequence[float], dty
 @pipeline_def
 def train_pipeline(plan_source: Callable, *, decoder_device: str, image_size: int,
                    mean: Sequence[float], std: Sequence[float], dtype, channels_last: bool,
-                   adjust_orientation: bool, jpeg_fancy_upsampling: bool, check_sizes: bool):
+                   adjust_orientation: bool, jpeg_fancy_upsampling: bool, check_sizes: bool,
+                   augment: Optional[Augmentations] = None,
+                   augment_source: Optional[Callable] = None):
     """Training graph: the planned files and windows in; images, rows (and sizes) out.
 
     One graph serves every epoch: `plan_source` says what to read, batch by batch, and ends
-    each epoch by raising StopIteration.
+    each epoch by raising StopIteration. With augmentations in the graph, build it with
+    ``enable_conditionals=True``.
 
     Args:
         plan_source: ``plan_source(iteration)`` returns batch `iteration` of the current
@@ -54,6 +62,9 @@ def train_pipeline(plan_source: Callable, *, decoder_device: str, image_size: in
             it matters for the GPU decoder only (DALI's CPU decoder always does).
         check_sizes: Also output each image's (height, width) as the decoder sees it, so
             that the loader can check them against the sizes it planned with.
+        augment: Augmentations whose DALI part (``augment.in_graph``) runs here.
+        augment_source: ``augment_source(iteration)`` returns batch `iteration` of the
+            planned augmentation parameters, ``augment.graph_inputs`` in order.
     """
     path, anchor, shape, flip, row = fn.external_source(
         source=plan_source, num_outputs=5, batch=True,
@@ -66,6 +77,16 @@ def train_pipeline(plan_source: Callable, *, decoder_device: str, image_size: in
         adjust_orientation=adjust_orientation, jpeg_fancy_upsampling=jpeg_fancy_upsampling)
     images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_LINEAR,
                        antialias=True)
+    mean = list(mean)
+    if augment is not None and augment.in_graph:
+        inputs = augment.graph_inputs
+        params = fn.external_source(source=augment_source, num_outputs=len(inputs), batch=True,
+                                    dtype=[dali_type for dali_type, _ in inputs.values()],
+                                    ndim=[ndim for _, ndim in inputs.values()])
+        if augment.policy is not None:  # its shears and rotations act on the mirrored crop
+            images, flip = fn.flip(images, horizontal=flip), 0
+        images, mean = augment.graph(images, dict(zip(inputs, params)), image_size=image_size,
+                                     mean=mean)
     images = _normalize(images, flip=flip, mean=mean, std=std, dtype=dtype,
                         channels_last=channels_last)
     if not check_sizes:
@@ -76,12 +97,13 @@ def train_pipeline(plan_source: Callable, *, decoder_device: str, image_size: in
 
 @pipeline_def
 def val_pipeline(files: Sequence[str], labels: Sequence[int], *, decoder_device: str,
-                 image_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float],
-                 dtype, channels_last: bool, adjust_orientation: bool,
+                 image_size: int, resize_size: int, interpolation: str, mean: Sequence[float],
+                 std: Sequence[float], dtype, channels_last: bool, adjust_orientation: bool,
                  jpeg_fancy_upsampling: bool):
     """Validation graph: resize the shorter side to `resize_size`, centre crop `image_size`.
 
-    Outputs images and labels (int32 [1]); the arguments are as for `train_pipeline`.
+    Outputs images and labels (int32 [1]); `interpolation` is "bilinear" or "bicubic"
+    (antialiased, as PIL resizes), the other arguments are as for `train_pipeline`.
     """
     jpegs, label = fn.readers.file(files=list(files), labels=list(labels), name=READER_NAME,
                                    random_shuffle=False, pad_last_batch=True,
@@ -100,7 +122,7 @@ def val_pipeline(files: Sequence[str], labels: Sequence[int], *, decoder_device:
     new_height = portrait * dmath.floor(resize_size * height / width) + (
         1.0 - portrait) * resize_size
     images = fn.resize(images, resize_x=new_width, resize_y=new_height,
-                       interp_type=types.INTERP_LINEAR, antialias=True)
-    images = _normalize(images, flip=0, mean=mean, std=std, dtype=dtype,
+                       interp_type=INTERPOLATIONS[interpolation], antialias=True)
+    images = _normalize(images, flip=0, mean=list(mean), std=std, dtype=dtype,
                         channels_last=channels_last, crop=(image_size, image_size))
     return images, label

@@ -1,0 +1,676 @@
+"""Augmentations of the training loader beyond the crop: colour jitter, PCA lighting and
+auto-augment policies in the DALI graph, random erasing on the device.
+
+As with the crop windows, every random choice (jitter factors and their order, lighting noise,
+the policy's operations, magnitudes and signs, erased rectangles) is drawn on the host for a
+whole epoch from (seed, rank, epoch): the same seed gives the same batches and a resumed epoch
+continues with the same draws. None of them moves the crop window, so the targets pooled from
+the planned boxes still describe the crop (a policy's shears, rotations and translations move
+content inside the crop, as they do in any ReLabel recipe that uses them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
+
+import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
+import nvidia.dali.types as types
+import torch
+from nvidia.dali.auto_aug import augmentations as dali_aug
+from nvidia.dali.auto_aug.core import select
+
+__all__ = ["AutoAugmentPolicy", "Augmentations", "GraphFeed", "LIGHTING_EIGVAL",
+           "LIGHTING_EIGVEC", "RE_MODES", "parse_auto_augment", "parse_color_jitter",
+           "random_erase"]
+
+# AlexNet's PCA of ImageNet RGB (0-1 scale), as in fb.resnet.torch and the official ReLabel
+# code: eigenvalues and eigenvectors (one per column).
+LIGHTING_EIGVAL = (0.2175, 0.0188, 0.0045)
+LIGHTING_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))
+# Luma weights of PIL's convert("L"), the grey that contrast and saturation blend towards.
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+RE_MODES = ("const", "rand", "pixel")
+# timm's RandomErasing: area fraction and log aspect-ratio ranges, attempts per rectangle.
+RE_AREA = (0.02, 1 / 3)
+RE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+RE_ATTEMPTS = 10
+
+_JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
+
+# ---- colour jitter -------------------------------------------------------------------------
+
+Range = Optional[tuple[float, float]]
+
+
+def _jitter_range(name: str, value: Union[float, Sequence[float]]) -> Range:
+    """torchvision ColorJitter's range of one factor; None when it changes nothing."""
+    center, low, high = (0.0, -0.5, 0.5) if name == "hue" else (1.0, 0.0, math.inf)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0 or (name == "hue" and value > 0.5):
+            bound = "[0, 0.5]" if name == "hue" else ">= 0"
+            raise ValueError(f"color_jitter: {name} must be {bound}, got {value!r}")
+        value = (center - value, center + value)
+        if name != "hue":
+            value = (max(value[0], 0.0), value[1])
+    elif (not isinstance(value, Sequence) or len(value) != 2
+          or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+          or not low <= value[0] <= value[1] <= high):
+        raise ValueError(f"color_jitter: {name} must be a float or a (min, max) pair within "
+                         f"[{low}, {high}], got {value!r}")
+    if value[0] == value[1] == center:
+        return None
+    return float(value[0]), float(value[1])
+
+
+def parse_color_jitter(value: Union[None, float, Sequence[Any]]) -> Optional[tuple[Range, ...]]:
+    """timm's color_jitter argument as four factor ranges (brightness, contrast, saturation,
+    hue), None for a factor that is off; None when all are.
+
+    A float x jitters brightness, contrast and saturation by factors in [max(0, 1-x), 1+x];
+    a tuple (b, c, s) or (b, c, s, h) gives each its own, as torchvision's ColorJitter: a
+    float or a (min, max) pair, hue within [-0.5, 0.5].
+    """
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (value,) * 3
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) not in (3, 4):
+        raise ValueError(f"color_jitter must be a float or (brightness, contrast, saturation"
+                         f"[, hue]), got {value!r}")
+    ranges = tuple(_jitter_range(name, v) for name, v in zip(_JITTER_NAMES, value))
+    ranges += (None,) * (4 - len(ranges))
+    return ranges if any(r is not None for r in ranges) else None
+
+
+def _plan_color_jitter(ranges: tuple[Range, ...], n: int,
+                       rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Factors and a random order of the enabled operations per sample (torchvision draws
+    every factor, then applies them in a random permutation)."""
+    enabled = [k for k, r in enumerate(ranges) if r is not None]
+    factors = np.zeros((n, 4), np.float32)
+    for k in enabled:
+        factors[:, k] = rng.uniform(*ranges[k], size=n)
+    order = np.asarray(enabled)[np.argsort(rng.random((n, len(enabled))), axis=1)]
+    # Position p applies one blend x -> center + a * (x - center) with center = w_mean * mean
+    # grey + w_grey * grey (brightness: 0, contrast: the mean, saturation: the grey), and a hue
+    # rotation where hue is the operation at p (a = 1, no blend, there).
+    blend = np.zeros((n, len(enabled), 3), np.float32)
+    blend[..., 0] = np.where(order == _HUE, 1.0, np.take_along_axis(factors, order, 1))
+    blend[..., 1] = order == _CONTRAST
+    blend[..., 2] = order == _SATURATION
+    hue = np.where(order == _HUE, factors[:, [_HUE]], 0.0).astype(np.float32)
+    plan = {}
+    if any(ranges[k] is not None for k in (_BRIGHTNESS, _CONTRAST, _SATURATION)):
+        plan["jitter_blend"] = blend
+    if ranges[_HUE] is not None:
+        plan["jitter_hue"] = hue
+    return plan
+
+
+def _hue_shift(x, shift):
+    """torchvision's adjust_hue on float RGB (0-255): rotate the HSV hue by `shift` turns.
+
+    Hue rotation keeps each pixel's maximum and chroma (max - min), so RGB comes back as
+    ``max - chroma * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 * hue) mod 6`` and n = 5,
+    3, 1 for R, G, B: the usual HSV-to-RGB formula, without building the HSV image.
+    """
+    r, g, b = x[:, :, 0:1], x[:, :, 1:2], x[:, :, 2:3]
+    high = dmath.max(dmath.max(r, g), b)
+    chroma = high - dmath.min(dmath.min(r, g), b)
+    divisor = chroma + (chroma == 0)
+    rc, gc, bc = (high - r) / divisor, (high - g) / divisor, (high - b) / divisor
+    is_r = high == r
+    is_g = (high == g) & (high != r)
+    is_b = (high != g) & (high != r)
+    sixths = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
+    k = types.Constant(np.array([5.0, 3.0, 1.0], np.float32)) + sixths + 6.0 * (1.0 + shift)
+    k = k - 6.0 * dmath.floor(k / 6.0)
+    return high - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
+
+
+def _color_jitter(images, blend, hue, ranges: tuple[Range, ...]):
+    """The planned jitter on uint8 HWC images (`blend`, `hue`: the planned per-position
+    parameters, None for a part that is off); float32 (0-255) out, clamped after every
+    operation as torchvision clamps float images."""
+    x = fn.cast(images, dtype=types.FLOAT)
+    contrast, saturation = ranges[_CONTRAST] is not None, ranges[_SATURATION] is not None
+    weights = types.Constant(np.array(GRAY_WEIGHTS, np.float32))
+    for p in range(sum(r is not None for r in ranges)):
+        if blend is not None:
+            center = 0.0
+            if contrast or saturation:
+                grey = fn.reductions.sum(x * weights, axes=2, keep_dims=True)
+                if contrast:
+                    center = blend[p, 1] * fn.reductions.mean(grey)
+                if saturation:
+                    center = center + blend[p, 2] * grey
+            x = dmath.clamp(center + blend[p, 0] * (x - center), 0.0, 255.0)
+        if hue is not None:
+            if hue[p] != 0:  # a DALI conditional: only the samples with hue at position p
+                x = _hue_shift(x, hue[p])
+    return x
+
+
+# ---- auto-augment policies -----------------------------------------------------------------
+
+# timm's magnitude scale: m out of 10 (magnitudes are clipped to [0, 10], or [0, mmax]).
+_LEVEL_DENOM = 10.0
+_SHARPNESS_BLUR = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13  # PIL's SMOOTH
+_IDENTITY_KERNEL = np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], np.float32)
+
+
+def _bits_mask(bits: np.ndarray) -> np.ndarray:
+    """PIL's ImageOps.posterize(img, bits) as the mask it ANDs with (8 bits keep all)."""
+    bits = np.clip(bits, 0, 8).astype(np.int64)
+    return ((0xFF << (8 - bits)) & 0xFF).astype(np.float32)
+
+
+def _graph_ops(fill: int, size: int) -> dict[str, Callable]:
+    """DALI's auto-augment operations (nvidia.dali.auto_aug.augmentations) by kind, each
+    taking uint8 HWC images and the planned scalar parameter of every sample."""
+    warp = dict(fill_value=fill, interp_type=types.INTERP_LINEAR)
+    x_axis, y_axis = (types.Constant(np.array(v, np.float32)) for v in ([1, 0], [0, 1]))
+
+    def sharpness(data, factor):  # PIL's enhance: blur * (1 - factor) + image * factor
+        kernel = (types.Constant(_SHARPNESS_BLUR) * (1.0 - factor)
+                  + types.Constant(_IDENTITY_KERNEL) * factor)
+        return fn.filter(data, kernel.gpu() if data.device == "gpu" else kernel)
+
+    return {
+        "identity": lambda data, p: data,
+        "auto_contrast": lambda data, p: dali_aug.auto_contrast.op(data, None),
+        "equalize": lambda data, p: fn.equalize(data),  # OpenCV's histogram equalization
+        "invert": lambda data, p: dali_aug.invert.op(data, None),
+        "rotate": lambda data, p: dali_aug.rotate.op(data, p, **warp),
+        "shear_x": lambda data, p: dali_aug.shear_x.op(data, p * x_axis, **warp),
+        "shear_y": lambda data, p: dali_aug.shear_y.op(data, p * y_axis, **warp),
+        # Relative translations (timm: a fraction of the side), absolute ones (torchvision's
+        # TrivialAugmentWide: pixels).
+        "translate_x": lambda data, p: dali_aug.translate_x.op(data, p * x_axis,
+                                                               (size, size), **warp),
+        "translate_y": lambda data, p: dali_aug.translate_y.op(data, p * y_axis,
+                                                               (size, size), **warp),
+        "translate_x_px": lambda data, p: dali_aug.translate_x_no_shape.op(data, p * x_axis,
+                                                                           **warp),
+        "translate_y_px": lambda data, p: dali_aug.translate_y_no_shape.op(data, p * y_axis,
+                                                                           **warp),
+        "brightness": lambda data, p: dali_aug.brightness.op(data, p),
+        "contrast": lambda data, p: dali_aug.contrast.op(data, p),
+        "color": lambda data, p: dali_aug.color.op(data, p),
+        "sharpness": sharpness,
+        "posterize": lambda data, p: dali_aug.posterize.op(data, fn.cast(p, dtype=types.UINT8)),
+        "solarize": lambda data, p: dali_aug.solarize.op(data, p),
+        "solarize_add": lambda data, p: dali_aug.solarize_add.op(
+            data, fn.cast(p, dtype=types.UINT8)),
+    }
+
+
+def _level(scale: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda v: v / _LEVEL_DENOM * scale
+
+
+def _enhance(v: np.ndarray) -> np.ndarray:
+    return v / _LEVEL_DENOM * 1.8 + 0.1
+
+
+def _enhance_increasing(v: np.ndarray) -> np.ndarray:
+    return np.maximum(0.1, 1.0 + v / _LEVEL_DENOM * 0.9)
+
+
+def _solarize(v: np.ndarray) -> np.ndarray:
+    return np.minimum(256, np.trunc(v / _LEVEL_DENOM * 256))
+
+
+# timm's operations (timm.data.auto_augment's NAME_TO_OP and LEVEL_TO_ARG): name -> (DALI
+# kind, magnitude randomly negated, (signed) level -> the operation's parameter).
+_TIMM_OPS: dict[str, tuple[str, bool, Optional[Callable[[np.ndarray], np.ndarray]]]] = {
+    "AutoContrast": ("auto_contrast", False, None),
+    "Equalize": ("equalize", False, None),
+    "Invert": ("invert", False, None),
+    "Rotate": ("rotate", True, _level(30.0)),
+    "Posterize": ("posterize", False, lambda v: _bits_mask(np.trunc(v / _LEVEL_DENOM * 4))),
+    "PosterizeIncreasing": ("posterize", False,
+                            lambda v: _bits_mask(4 - np.trunc(v / _LEVEL_DENOM * 4))),
+    "PosterizeOriginal": ("posterize", False,
+                          lambda v: _bits_mask(np.trunc(v / _LEVEL_DENOM * 4) + 4)),
+    "Solarize": ("solarize", False, _solarize),
+    "SolarizeIncreasing": ("solarize", False, lambda v: 256 - _solarize(v)),
+    "SolarizeAdd": ("solarize_add", False,
+                    lambda v: np.minimum(128, np.trunc(v / _LEVEL_DENOM * 110))),
+    "Color": ("color", False, _enhance),
+    "ColorIncreasing": ("color", True, _enhance_increasing),
+    "Contrast": ("contrast", False, _enhance),
+    "ContrastIncreasing": ("contrast", True, _enhance_increasing),
+    "Brightness": ("brightness", False, _enhance),
+    "BrightnessIncreasing": ("brightness", True, _enhance_increasing),
+    "Sharpness": ("sharpness", False, _enhance),
+    "SharpnessIncreasing": ("sharpness", True, _enhance_increasing),
+    "ShearX": ("shear_x", True, _level(0.3)),
+    "ShearY": ("shear_y", True, _level(0.3)),
+    "TranslateXRel": ("translate_x", True, _level(0.45)),  # timm's translate_pct
+    "TranslateYRel": ("translate_y", True, _level(0.45)),
+}
+_TRIVIAL_BINS = 31
+_BINS = np.linspace(0.0, 1.0, _TRIVIAL_BINS)
+# torchvision's TrivialAugmentWide: name -> (DALI kind, randomly negated, magnitude of each of
+# the 31 bins -> the operation's parameter, or None).
+_TRIVIAL_OPS: dict[str, tuple[str, bool, Optional[np.ndarray]]] = {
+    "Identity": ("identity", False, None),
+    "ShearX": ("shear_x", True, 0.99 * _BINS),
+    "ShearY": ("shear_y", True, 0.99 * _BINS),
+    "TranslateX": ("translate_x_px", True, 32.0 * _BINS),
+    "TranslateY": ("translate_y_px", True, 32.0 * _BINS),
+    "Rotate": ("rotate", True, 135.0 * _BINS),
+    "Brightness": ("brightness", True, 0.99 * _BINS),
+    "Color": ("color", True, 0.99 * _BINS),
+    "Contrast": ("contrast", True, 0.99 * _BINS),
+    "Sharpness": ("sharpness", True, 0.99 * _BINS),
+    "Posterize": ("posterize", False,
+                  _bits_mask(8 - np.round(np.arange(_TRIVIAL_BINS) / ((_TRIVIAL_BINS - 1) / 6)))),
+    "Solarize": ("solarize", False, np.linspace(255.0, 0.0, _TRIVIAL_BINS)),
+    "AutoContrast": ("auto_contrast", False, None),
+    "Equalize": ("equalize", False, None),
+}
+_TRIVIAL_ENHANCE = ("Brightness", "Color", "Contrast", "Sharpness")  # factor 1 + magnitude
+_RAND_KEYS = {"m": int, "n": int, "p": float, "mstd": float, "mmax": int, "inc": int}
+_AA_POLICIES = ("original", "originalr", "v0", "v0r")
+_TRIVIAL_NAMES = ("ta_wide", "trivialaugment")
+
+
+@dataclasses.dataclass(frozen=True)
+class _PolicyOp:
+    """One operation of a policy: timm's AugmentOp (name, probability, magnitude)."""
+    name: str
+    prob: float
+    magnitude: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoAugmentPolicy:
+    """A parsed auto_augment string: what to draw per image, and the DALI operations.
+
+    Attributes:
+        config: The string it was parsed from.
+        kind: "rand" (RandAugment), "auto" (AutoAugment) or "trivial" (TrivialAugmentWide).
+        names: The operation names (timm's, or torchvision's for "trivial").
+        layers: Operations applied per image, one after the other.
+        sub_policies: AutoAugment's sub-policies; RandAugment's one list of operations (with
+            its probability and magnitude); empty for "trivial".
+        weights: RandAugment's choice weights (drawn without replacement, as timm), or None
+            (uniform, with replacement).
+        magnitude_std: Standard deviation of the magnitude noise; inf: uniform in [0, m].
+        magnitude_max: Upper clip of the magnitude (timm's mmax, default 10).
+    """
+
+    config: str
+    kind: str
+    names: tuple[str, ...]
+    layers: int
+    sub_policies: tuple[tuple[_PolicyOp, ...], ...]
+    weights: Optional[tuple[float, ...]]
+    magnitude_std: float
+    magnitude_max: float
+
+    def _table(self) -> dict:
+        return _TRIVIAL_OPS if self.kind == "trivial" else _TIMM_OPS
+
+    def kinds(self) -> list[str]:
+        """The DALI operation of each name, then "identity" for a skipped operation."""
+        table = self._table()
+        return [table[name][0] for name in self.names] + ["identity"]
+
+    def _magnitudes(self, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """timm's AugmentOp: magnitude noise, then the clip to [0, magnitude_max]."""
+        if self.magnitude_std == math.inf:
+            mean = rng.uniform(0.0, mean)
+        elif self.magnitude_std > 0:
+            mean = rng.normal(mean, self.magnitude_std)
+        return np.clip(mean, 0.0, self.magnitude_max)
+
+    def plan(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Per sample and layer: the operation (int32 index into kinds(); a skipped one is
+        the identity) and its parameter (float32, sign and magnitude noise included)."""
+        negative = rng.random((n, self.layers)) < 0.5
+        if self.kind == "trivial":  # one operation, magnitude bin and sign per image
+            ops = rng.integers(0, len(self.names), size=(n, 1))
+            bins = rng.integers(0, _TRIVIAL_BINS, size=(n, 1))
+            params = np.zeros((n, 1))
+            for k, name in enumerate(self.names):
+                _, signed, magnitudes = _TRIVIAL_OPS[name]
+                mask = ops == k
+                if magnitudes is not None:
+                    value = magnitudes[bins[mask]]
+                    value = np.where(negative[mask], -value, value) if signed else value
+                    params[mask] = 1.0 + value if name in _TRIVIAL_ENHANCE else value
+            return dict(aug_ops=ops.astype(np.int32), aug_params=params.astype(np.float32))
+        if self.kind == "rand":
+            (table,) = self.sub_policies
+            if self.weights is None:  # timm: np.random.choice with replacement
+                chosen = rng.integers(0, len(table), size=(n, self.layers))
+            else:  # without replacement, by weight: the Gumbel top-k draws the same way
+                keys = np.log(self.weights) + rng.gumbel(size=(n, len(table)))
+                chosen = np.argsort(-keys, axis=1)[:, :self.layers]
+        else:  # a uniform sub-policy, its operations in order
+            assert len({len(sub) for sub in self.sub_policies}) == 1, self.config
+            table = tuple(op for sub in self.sub_policies for op in sub)
+            chosen = (self.layers * rng.integers(0, len(self.sub_policies), size=n))[:, None]
+            chosen = chosen + np.arange(self.layers)
+        index = np.array([self.names.index(op.name) for op in table])[chosen]
+        applied = rng.random((n, self.layers)) < np.array([op.prob for op in table])[chosen]
+        levels = self._magnitudes(np.array([op.magnitude for op in table])[chosen], rng)
+        params = np.zeros((n, self.layers))
+        for k, name in enumerate(self.names):
+            _, signed, to_param = _TIMM_OPS[name]
+            mask = index == k
+            if to_param is not None:
+                params[mask] = to_param(np.where(negative[mask], -levels[mask], levels[mask])
+                                        if signed else levels[mask])
+        ops = np.where(applied, index, len(self.names))
+        return dict(aug_ops=ops.astype(np.int32), aug_params=params.astype(np.float32))
+
+
+def _unsupported(names: Sequence[str], config: str) -> None:
+    missing = sorted(set(names) - set(_TIMM_OPS))
+    if missing:
+        raise ValueError(f"auto_augment={config!r} uses {missing}, which this loader does not "
+                         f"implement in DALI (supported: {sorted(_TIMM_OPS)})")
+
+
+def _parse_rand(config: str, sections: list[str]) -> AutoAugmentPolicy:
+    from timm.data.auto_augment import rand_augment_choices  # timm's tables of names
+
+    values: dict[str, Any] = dict(m=10, n=2, p=0.5, mstd=0.0, mmax=None, inc=0)
+    transforms = None
+    for section in sections:
+        if section.startswith("t") and len(section) > 1:
+            transforms = section[1:]
+            if transforms != "weights":
+                raise ValueError(f"auto_augment={config!r}: transform set {transforms!r} is "
+                                 "not supported (only 'tweights')")
+            continue
+        match = re.fullmatch(r"(mstd|mmax|inc|m|n|p)(\d[\d.]*)", section)
+        if match is None:
+            raise ValueError(f"auto_augment={config!r}: unknown section {section!r} (expected "
+                             "m<int>, n<int>, p<float>, mstd<float>, mmax<int>, inc<0|1>, "
+                             "tweights)")
+        key, text = match.groups()
+        try:
+            values[key] = _RAND_KEYS[key](text)
+        except ValueError:
+            raise ValueError(f"auto_augment={config!r}: {key} needs a number of type "
+                             f"{_RAND_KEYS[key].__name__}, got {text!r}") from None
+    if values["n"] < 1 or not 0.0 <= values["p"] <= 1.0 or values["inc"] not in (0, 1):
+        raise ValueError(f"auto_augment={config!r}: n must be >= 1, p in [0, 1], inc 0 or 1")
+    choices = rand_augment_choices(transforms or "", increasing=bool(values["inc"]))
+    names = tuple(choices)
+    weights = None
+    if isinstance(choices, dict):
+        total = sum(choices.values())
+        weights = tuple(weight / total for weight in choices.values())
+        if values["n"] > len(names):
+            raise ValueError(f"auto_augment={config!r}: n={values['n']} weighted choices "
+                             f"without replacement from {len(names)} operations")
+    _unsupported(names, config)
+    ops = tuple(_PolicyOp(name, values["p"], float(values["m"])) for name in names)
+    mstd = values["mstd"]
+    return AutoAugmentPolicy(config=config, kind="rand", names=names, layers=values["n"],
+                             sub_policies=(ops,), weights=weights,
+                             magnitude_std=math.inf if mstd > 100 else mstd,
+                             magnitude_max=float(values["mmax"] or _LEVEL_DENOM))
+
+
+def _parse_auto(config: str, name: str, sections: list[str]) -> AutoAugmentPolicy:
+    from timm.data.auto_augment import auto_augment_policy  # timm's policy tables
+
+    mstd = 0.0
+    for section in sections:
+        match = re.fullmatch(r"mstd(\d[\d.]*)", section)
+        try:
+            mstd = float(match.group(1)) if match else float("nan")
+        except ValueError:
+            mstd = float("nan")
+        if math.isnan(mstd):
+            raise ValueError(f"auto_augment={config!r}: unknown section {section!r} (expected "
+                             "mstd<float>)")
+    sub_policies = tuple(tuple(_PolicyOp(op.name, op.prob, float(op.magnitude)) for op in sub)
+                         for sub in auto_augment_policy(name))
+    names = tuple(dict.fromkeys(op.name for sub in sub_policies for op in sub))
+    _unsupported(names, config)
+    return AutoAugmentPolicy(config=config, kind="auto", names=names,
+                             layers=len(sub_policies[0]), sub_policies=sub_policies,
+                             weights=None, magnitude_std=mstd, magnitude_max=_LEVEL_DENOM)
+
+
+def parse_auto_augment(config: str) -> AutoAugmentPolicy:
+    """timm's auto_augment string as a policy.
+
+    "rand-m9-mstd0.5-inc1" style RandAugment (sections m, n, p, mstd, mmax, inc, tweights,
+    as timm's rand_augment_transform), "original", "originalr", "v0", "v0r" AutoAugment
+    (optionally "-mstd0.5"), or "ta_wide" / "trivialaugment" (torchvision's
+    TrivialAugmentWide). Anything else, AugMix included, is refused with a ValueError.
+    """
+    if not isinstance(config, str) or not config:
+        raise ValueError(f"auto_augment must be a policy string such as 'rand-m9-mstd0.5-inc1',"
+                         f" got {config!r}")
+    name, *sections = config.split("-")
+    if name == "rand":
+        return _parse_rand(config, sections)
+    if name in _AA_POLICIES:
+        return _parse_auto(config, name, sections)
+    if name in _TRIVIAL_NAMES and not sections:
+        return AutoAugmentPolicy(config=config, kind="trivial", names=tuple(_TRIVIAL_OPS),
+                                 layers=1, sub_policies=(), weights=None, magnitude_std=0.0,
+                                 magnitude_max=_LEVEL_DENOM)
+    if name == "augmix":
+        raise ValueError(f"auto_augment={config!r}: AugMix is not supported (it blends several "
+                         "augmented copies of each image)")
+    raise ValueError(f"auto_augment={config!r}: unknown policy; expected 'rand-...', one of "
+                     f"{_AA_POLICIES} or one of {_TRIVIAL_NAMES}")
+
+
+def _auto_augment(images, ops, params, policy: AutoAugmentPolicy, image_size: int,
+                  fill_value: int):
+    """The planned policy on uint8 HWC images: layer by layer, each sample through its own
+    operation (DALI's select: a conditional split of the batch by operation)."""
+    graph_ops = _graph_ops(fill_value, image_size)
+    branches = [graph_ops[kind] for kind in policy.kinds()]
+    for layer in range(policy.layers):
+        images = select(branches, ops[layer], images, params[layer])
+    return images
+
+
+# ---- all of it ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Augmentations:
+    """The training loader's augmentations, checked (see ReLabelLoader's arguments).
+
+    Attributes:
+        color_jitter: Four factor ranges (brightness, contrast, saturation, hue; None = off),
+            or None.
+        lighting: PCA lighting noise standard deviation (alphastd), 0 = off.
+        policy: The auto-augment policy, or None.
+        re_prob: Probability of random erasing per image.
+        re_mode: "const", "rand" or "pixel".
+        re_count: Most rectangles erased per image.
+    """
+
+    color_jitter: Optional[tuple[Range, ...]]
+    lighting: float
+    policy: Optional[AutoAugmentPolicy]
+    re_prob: float
+    re_mode: str
+    re_count: int
+
+    @classmethod
+    def create(cls, *, color_jitter, force_color_jitter: bool, lighting: float,
+               auto_augment: Optional[str], re_prob: float, re_mode: str,
+               re_count: int) -> Augmentations:
+        """Checks the arguments (ValueError naming the bad one) and applies timm's rule that
+        a policy replaces colour jitter unless force_color_jitter."""
+        ranges = parse_color_jitter(color_jitter)
+        policy = parse_auto_augment(auto_augment) if auto_augment is not None else None
+        if policy is not None and not force_color_jitter:
+            ranges = None
+        if isinstance(lighting, bool) or not isinstance(lighting, (int, float)) or not (
+                0.0 <= lighting < math.inf):
+            raise ValueError(f"lighting must be a float >= 0 (alphastd), got {lighting!r}")
+        if isinstance(re_prob, bool) or not isinstance(re_prob, (int, float)) or not (
+                0.0 <= re_prob <= 1.0):
+            raise ValueError(f"re_prob must be a probability in [0, 1], got {re_prob!r}")
+        if re_mode not in RE_MODES:
+            raise ValueError(f"re_mode must be one of {RE_MODES}, got {re_mode!r}")
+        if isinstance(re_count, bool) or not isinstance(re_count, int) or re_count < 1:
+            raise ValueError(f"re_count must be an int >= 1, got {re_count!r}")
+        return cls(color_jitter=ranges, lighting=float(lighting), policy=policy,
+                   re_prob=float(re_prob), re_mode=re_mode, re_count=re_count)
+
+    @property
+    def in_graph(self) -> bool:
+        """Whether the DALI graph has work to do (and a feed of planned parameters)."""
+        return self.color_jitter is not None or self.lighting > 0 or self.policy is not None
+
+    @property
+    def graph_inputs(self) -> dict[str, tuple[Any, int]]:
+        """The feed's outputs, in order: name -> (DALI type, ndim per sample)."""
+        inputs = {}
+        if self.color_jitter is not None:
+            if any(r is not None for r in self.color_jitter[:_HUE]):
+                inputs["jitter_blend"] = (types.FLOAT, 2)
+            if self.color_jitter[_HUE] is not None:
+                inputs["jitter_hue"] = (types.FLOAT, 1)
+        if self.lighting > 0:
+            inputs["lighting"] = (types.FLOAT, 1)
+        if self.policy is not None:
+            inputs.update(aug_ops=(types.INT32, 1), aug_params=(types.FLOAT, 1))
+        return inputs
+
+    def plan(self, n: int, image_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Every random draw of `n` samples: the graph's inputs and the erased rectangles."""
+        plan: dict[str, np.ndarray] = {}
+        if self.color_jitter is not None:
+            plan.update(_plan_color_jitter(self.color_jitter, n, rng))
+        if self.lighting > 0:
+            alpha = rng.normal(0.0, self.lighting, size=(n, 3))
+            offset = (np.asarray(LIGHTING_EIGVEC) @ (alpha * LIGHTING_EIGVAL).T).T
+            plan["lighting"] = (255.0 * offset).astype(np.float32)  # 0-255 scale
+        if self.policy is not None:
+            plan.update(self.policy.plan(n, rng))
+        if self.re_prob > 0:
+            plan["erase_boxes"] = _plan_erasing(n, image_size, self.re_prob, self.re_count, rng)
+            plan["erase_seed"] = rng.integers(0, 2 ** 62, size=n)
+        return plan
+
+    def graph(self, images, params: dict[str, Any], *, image_size: int,
+              mean: Sequence[float]):
+        """The DALI part on resized uint8 HWC images (already mirrored when a policy runs,
+        since its geometric operations come after the flip in timm): policy, then colour
+        jitter. Returns the images and the mean to normalize with (lighting shifts it)."""
+        if self.policy is not None:
+            # One fill value for all channels (DALI's warp takes a scalar): the mean grey.
+            fill = int(round(min(255.0, max(0.0, sum(mean) / len(mean)))))
+            images = _auto_augment(images, params["aug_ops"], params["aug_params"], self.policy,
+                                   image_size, fill)
+        if self.color_jitter is not None:
+            images = _color_jitter(images, params.get("jitter_blend"), params.get("jitter_hue"),
+                                   self.color_jitter)
+        mean_node = list(mean)
+        if self.lighting > 0:
+            # (x + offset - mean) / std: lighting is a per-sample shift of the mean.
+            mean_node = types.Constant(np.asarray(mean, np.float32)) - params["lighting"]
+        return images, mean_node
+
+
+class GraphFeed:
+    """The graph's second external source: batch i of the planned augmentation parameters,
+    StopIteration at the end of the epoch (in step with the plan's feed)."""
+
+    def __init__(self, names: Sequence[str], batch_size: int) -> None:
+        self._names = list(names)
+        self._batch_size = batch_size
+        self.plan: Optional[dict[str, np.ndarray]] = None
+
+    def __call__(self, iteration: int) -> tuple[np.ndarray, ...]:
+        plan = self.plan
+        start = iteration * self._batch_size
+        if plan is None or start >= len(plan[self._names[0]]):
+            raise StopIteration
+        return tuple(np.ascontiguousarray(plan[name][start:start + self._batch_size])
+                     for name in self._names)
+
+
+# ---- random erasing -------------------------------------------------------------------------
+
+def _plan_erasing(n: int, size: int, prob: float, count: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """timm's RandomErasing rectangles on size x size images: int32 [n, count, 4] (top,
+    left, height, width), zero-sized where nothing is erased.
+
+    Per image: erase with probability `prob`, 1 to `count` rectangles (uniform), each with
+    up to ten attempts at an area of U(0.02, 1/3) / rectangles of the image and a log-uniform
+    aspect ratio in (0.3, 1/0.3), rounded half to even; the first that fits strictly inside
+    is placed uniformly.
+    """
+    boxes = np.zeros((n, count, 4), np.int32)
+    erased = rng.random(n) < prob
+    counts = rng.integers(1, count + 1, size=n)
+    area = float(size * size)
+    for slot in range(count):
+        pending = np.flatnonzero(erased & (slot < counts))
+        for _ in range(RE_ATTEMPTS):
+            if not pending.size:
+                break
+            target = rng.uniform(*RE_AREA, size=pending.size) * area / counts[pending]
+            aspect = np.exp(rng.uniform(*RE_LOG_ASPECT, size=pending.size))
+            h = np.rint(np.sqrt(target * aspect)).astype(np.int64)
+            w = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+            fits = (w < size) & (h < size)
+            done, h, w = pending[fits], h[fits], w[fits]
+            top = rng.integers(0, size - h + 1)
+            left = rng.integers(0, size - w + 1)
+            boxes[done, slot] = np.stack([top, left, h, w], axis=1)
+            pending = pending[~fits]
+    return boxes
+
+
+def random_erase(images: torch.Tensor, boxes: np.ndarray, mode: str,
+                 seed: int) -> torch.Tensor:
+    """Erase the planned rectangles of a normalized batch, on its device, for all images at
+    once: zeros ("const"), one normal colour per rectangle ("rand") or normal noise per pixel
+    ("pixel"), drawn from a generator seeded with `seed`.
+
+    Args:
+        images (Tensor[B, C, H, W]): normalized images.
+        boxes (ndarray[B, K, 4]): int (top, left, height, width), zero-sized for none.
+        mode: One of RE_MODES.
+        seed: Seed of the noise.
+    """
+    slots = [k for k in range(boxes.shape[1]) if (boxes[:, k, 2:] > 0).all(axis=1).any()]
+    if not slots:
+        return images
+    device = images.device
+    batch, channels, height, width = images.shape
+    generator = torch.Generator(device=device).manual_seed(seed) if mode != "const" else None
+    spans = torch.from_numpy(boxes).to(device, non_blocking=True)
+    ys, xs = torch.arange(height, device=device), torch.arange(width, device=device)
+    erased = images.clone()  # in the batch's memory format (channels_last stays so)
+    for k in slots:
+        top, left, h, w = (spans[:, k, i, None] for i in range(4))
+        rows = (ys >= top) & (ys < top + h)
+        cols = (xs >= left) & (xs < left + w)
+        inside = rows[:, None, :, None] & cols[:, None, None, :]
+        if mode == "const":
+            erased.masked_fill_(inside, 0.0)
+            continue
+        shape = (batch, channels, 1, 1) if mode == "rand" else (batch, channels, height, width)
+        fill = torch.randn(shape, generator=generator, device=device).to(images.dtype)
+        erased.copy_(torch.where(inside, fill, erased))
+    return erased
