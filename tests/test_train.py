@@ -1,5 +1,5 @@
 """train/run.py end to end on a tiny synthetic dataset: one process, torchrun, kill and
-resume, SIGTERM, a non-finite loss; and the localized CutMix targets."""
+resume, SIGTERM, a non-finite loss; the mixing flags (the loader mixes: tests/test_mixing.py)."""
 import json
 import os
 import signal
@@ -11,15 +11,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import make_boxes, make_label_maps
 import timm
-from dali_relabel import ReLabelLoader, ValLoader, label_pooling, reference_label_pooling
+from dali_relabel import ValLoader
 from dali_relabel.synthetic import make_synthetic_imagenet
 
 TRAIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train")
 sys.path.insert(0, TRAIN_DIR)
 import run  # noqa: E402
-from cutmix import crop_to_image, cutmix, localized_cutmix_targets  # noqa: E402
 
 RUN = os.path.join(TRAIN_DIR, "run.py")
 METRICS = ("epoch", "lr", "train_loss", "images_per_s", "data_wait_ms", "step_ms",
@@ -173,21 +171,6 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny, tmp_path
     assert [loader["batches_done"] for loader in state["loaders"]] == [state["step"]] * 2
 
 
-def test_last_batch_rows_are_the_rows_of_the_batch(tiny):
-    """What CutMix over a host store relies on: the epoch's order, sliced by position, gives
-    each batch's store rows, in an epoch resumed midway too."""
-    root, labelmaps = tiny[tiny.index("--data") + 1], tiny[tiny.index("--labelmaps") + 1]
-    loader = ReLabelLoader(root, labelmaps, 5, device="cpu", image_size=32, num_threads=1,
-                           seed=3, return_meta=True)
-    loader.load_state_dict(dict(loader.state_dict(), epoch=1, batches_done=2))
-    order = loader.epoch_order(loader.epoch)
-    batches = 0
-    for batch in loader:
-        assert torch.equal(run.last_batch_rows(loader, order), batch.sample_index)
-        batches += 1
-    assert batches == len(loader) - 2 == 7
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_device_cuda_without_cuda_names_the_option(tiny, tmp_path):
     with pytest.raises(SystemExit, match="--device cuda: CUDA is not available"):
@@ -213,64 +196,6 @@ def test_non_finite_loss_stops_with_the_documented_message(tiny, tmp_path):
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 6  # not overwritten
 
 
-def test_localized_cutmix_targets():
-    values, indices = make_label_maps(10, 5, 20, seed=21)
-    boxes = make_boxes(4, seed=22)
-    flip = torch.tensor([True, False, False, False])  # not a palindrome: partners differ
-    rows = torch.tensor([3, 7, 7, 1])
-    kwargs = dict(num_classes=20)
-    # The whole image pasted: the base's share is zero, the target is the partner's crop.
-    whole = localized_cutmix_targets(values, indices, boxes, flip, rows, (0.0, 0.0, 1.0, 1.0),
-                                     **kwargs)
-    assert_close(whole, label_pooling(values, indices, boxes.flip(0), sample_index=rows.flip(0),
-                                      **kwargs), atol=1e-6, rtol=0)
-    # The left half of a mirrored crop is the right half of its box in the original image.
-    rect = (0.0, 0.25, 0.5, 0.75)
-    x1, y1, x2, y2 = boxes[0]
-    assert_close(crop_to_image(boxes, flip, rect)[0],
-                 torch.stack([(x1 + x2) / 2, y1 + (y2 - y1) / 4, x2, y1 + 3 * (y2 - y1) / 4]))
-    # Against the documented formula, with the boxes mapped by hand and the dense reference.
-    mixed = localized_cutmix_targets(values, indices, boxes, flip, rows, rect, **kwargs)
-    assert_close(mixed.sum(1), torch.ones(4))
-
-    def left_half(box, mirrored):  # rect (0, .25, .5, .75) of a crop, in image coordinates
-        x1, y1, x2, y2 = box.tolist()
-        w, h = x2 - x1, y2 - y1
-        left = x1 + w / 2 if mirrored else x1
-        return [left, y1 + h / 4, left + w / 2, y1 + 3 * h / 4]
-
-    partner = [3, 2, 1, 0]
-    for k in range(4):
-        p = partner[k]
-        pasted = reference_label_pooling(
-            values, indices, torch.tensor([left_half(boxes[p], bool(flip[p]))]),
-            sample_index=rows[p:p + 1], **kwargs)
-        crop = reference_label_pooling(values, indices, boxes[k:k + 1],
-                                       sample_index=rows[k:k + 1], mode="logits", **kwargs)
-        covered = reference_label_pooling(
-            values, indices, torch.tensor([left_half(boxes[k], bool(flip[k]))]),
-            sample_index=rows[k:k + 1], mode="logits", **kwargs)
-        base = ((crop - 0.25 * covered) / 0.75).softmax(-1)
-        assert_close(mixed[k:k + 1], 0.75 * base + 0.25 * pasted, atol=1e-5, rtol=0)
-    single = localized_cutmix_targets(values, indices, boxes, flip, rows, rect, single=True,
-                                      **kwargs)
-    assert_close(single.sum(1), torch.ones(4))
-    assert set(single.unique().tolist()) <= {0.0, 0.25, 0.75, 1.0}
-
-
-def test_cutmix_pastes_the_partner_rectangle():
-    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16)
-    import numpy as np
-    mixed, (u1, v1, u2, v2) = cutmix(images, np.random.default_rng(0), beta=1.0)
-    left, top, right, bottom = int(u1 * 16), int(v1 * 16), int(u2 * 16), int(v2 * 16)
-    for k in range(4):
-        inside = mixed[k, :, top:bottom, left:right]
-        assert (inside == 3 - k).all()
-        outside = mixed[k].clone()
-        outside[:, top:bottom, left:right] = k
-        assert (outside == k).all()
-
-
 def test_config_file_sets_defaults_and_flags_override(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("model: resnet18\nepochs: 7\nlabel_mode: original\nsmoothing: 0.2\n")
@@ -281,6 +206,17 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
     config.write_text("modle: resnet18\n")
     with pytest.raises(SystemExit, match="modle: unknown key"):
         run.parse_args(["--config", str(config)])
+
+
+def test_mixing_flags_are_timms_and_the_older_cutmix_spelling_maps_onto_them():
+    args = run.parse_args(["--cutmix-prob", "0.5", "--cutmix-beta", "2"])
+    assert (args.cutmix, args.mixup_prob, args.mixup) == (2.0, 0.5, 0.0)
+    args = run.parse_args(["--mixup", "0.8", "--cutmix", "1.0", "--cutmix-minmax", "0.2", "0.8",
+                           "--mixup-switch-prob", "0.4", "--mixup-mode", "elem"])
+    assert (args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_switch_prob,
+            args.mixup_mode, args.mixup_prob) == (0.8, 1.0, [0.2, 0.8], 0.4, "elem", 1.0)
+    with pytest.raises(SystemExit, match="older spelling of --cutmix B --mixup-prob P"):
+        run.parse_args(["--cutmix-prob", "0.5", "--cutmix", "1.0"])
 
 
 def test_label_smoothing_of_one_hot_targets():

@@ -34,7 +34,6 @@ import yaml
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cutmix import cutmix, localized_cutmix_targets  # noqa: E402
 from token_labeling import TokenLabelingModel, create_token_model, last_batch_plan  # noqa: E402
 
 import timm  # noqa: E402
@@ -45,6 +44,7 @@ from dali_relabel import (LABEL_MODES, ReLabelLoader, ValLoader,  # noqa: E402
                           soft_target_cross_entropy)
 from dali_relabel._loading import resolve_device  # noqa: E402
 from dali_relabel._utils import atomic_path, check_output_path  # noqa: E402
+from dali_relabel.mixing import MIXUP_MODES  # noqa: E402
 from dali_relabel.targets import TargetMaker  # noqa: E402
 
 logger = logging.getLogger("train")
@@ -106,10 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cosine floor (default: 0.0)")
     optim.add_argument("--smoothing", type=float, default=0.1,
                        help="label smoothing, label_mode 'original' only (default: 0.1)")
+    optim.add_argument("--mixup", type=float, default=0.0,
+                       help="mixup alpha, as timm's train.py (the loader mixes): > 0 turns it "
+                            "on (default: 0.0)")
+    optim.add_argument("--cutmix", type=float, default=0.0,
+                       help="CutMix alpha: > 0 turns it on; with localized labels the pasted "
+                            "rectangle's share of the target is LabelPooling over the "
+                            "partner's pasted pixels (default: 0.0)")
+    optim.add_argument("--cutmix-minmax", type=float, nargs=2, metavar=("MIN", "MAX"),
+                       help="CutMix box sides as fractions of the image's instead of drawn "
+                            "from alpha; turns CutMix on (default: off)")
+    optim.add_argument("--mixup-prob", type=float, default=1.0,
+                       help="probability of mixing per batch, pair or element (default: 1.0)")
+    optim.add_argument("--mixup-switch-prob", type=float, default=0.5,
+                       help="probability of CutMix instead of mixup when both are on "
+                            "(default: 0.5)")
+    optim.add_argument("--mixup-mode", default="batch", choices=MIXUP_MODES,
+                       help="one draw per batch, pair or element (default: batch)")
     optim.add_argument("--cutmix-prob", type=float, default=0.0,
-                       help="probability of CutMix per batch (default: 0.0)")
+                       help="older spelling: --cutmix-prob P --cutmix-beta B is --cutmix B "
+                            "--mixup-prob P (default: 0.0)")
     optim.add_argument("--cutmix-beta", type=float, default=1.0,
-                       help="CutMix Beta(beta, beta) (default: 1.0)")
+                       help="see --cutmix-prob (default: 1.0)")
     optim.add_argument("--token-targets", type=int, default=0, metavar="S",
                        help="token labeling for ViT-style models: every patch token also "
                             "trains on its own target, LabelPooling over S x S bins of the "
@@ -218,9 +236,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         raise SystemExit("--labelmaps is required with --data")
     if args.token_targets < 0:
         raise SystemExit(f"--token-targets must be >= 0 (0 = off), got {args.token_targets}")
-    if args.token_targets and args.cutmix_prob > 0:
-        raise SystemExit("--token-targets does not combine with --cutmix-prob yet (CutMix "
-                         "mixes the crop targets only); use one of them")
+    if args.cutmix_prob > 0:
+        if args.cutmix > 0 or args.mixup > 0 or args.cutmix_minmax:
+            raise SystemExit("--cutmix-prob P --cutmix-beta B is the older spelling of --cutmix "
+                             "B --mixup-prob P; give one or the other")
+        args.cutmix, args.mixup_prob = args.cutmix_beta, args.cutmix_prob
+    if args.token_targets and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax):
+        raise SystemExit("--token-targets does not combine with --cutmix-prob, --cutmix or "
+                         "--mixup yet (the loader mixes dense targets, token targets are "
+                         "sparse); use one of them")
     return args
 
 
@@ -311,22 +335,6 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def last_batch_rows(loader: ReLabelLoader, order: np.ndarray) -> torch.Tensor:
-    """The store rows of the batch `loader` yielded last, on the host, from its epoch's
-    `order` (loader.epoch_order): batch k is the k-th slice of it."""
-    state = loader.state_dict()
-    first = (state["batches_done"] - 1) * state["batch_size"]
-    return torch.from_numpy(order[first:first + state["batch_size"]])
-
-
-def gather_to(data: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Rows `rows` of host tensor `data`, gathered into pinned memory and copied to `device`
-    without waiting: a copy from pageable memory would synchronise the stream."""
-    out = torch.empty((len(rows), *data.shape[1:]), dtype=data.dtype, pin_memory=True)
-    torch.index_select(data, 0, rows, out=out)
-    return out.to(device, non_blocking=True)
-
-
 def save_atomic(obj: Dict[str, Any], path: str) -> None:
     """torch.save to `path` through a synced temporary (temporaries of killed saves are
     cleaned up by atomic_path)."""
@@ -405,7 +413,10 @@ class Trainer:
             image_size=args.image_size, label_mode=args.label_mode, seed=args.seed,
             num_threads=args.threads, channels_last=args.channels_last,
             exclude=args.exclude, return_meta=True, output_size=args.token_targets or 1,
-            sparse_targets=args.token_targets > 0)
+            sparse_targets=args.token_targets > 0, mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            mixup_prob=args.mixup_prob, mixup_switch_prob=args.mixup_switch_prob,
+            mixup_mode=args.mixup_mode)
         self.crop_targets = None
         if args.token_targets:  # the class token's target: the whole crop (S = 1)
             self.crop_targets = TargetMaker(
@@ -447,7 +458,6 @@ class Trainer:
                 self.net, device_ids=[device.index] if device.type == "cuda" else None)
         if args.compile:
             self.net = torch.compile(self.net)
-        self.rng = np.random.default_rng([args.seed, dist_.rank])
         self.epoch, self.step, self.best = 0, 0, -1.0
         self.signalled = False  # set by the SIGTERM handler only
         self.stop_agreed = False  # all ranks agreed to stop (a SIGTERM reached one)
@@ -460,12 +470,11 @@ class Trainer:
     def checkpoint(self, path: str) -> None:
         """All ranks call this: every rank's loader position goes into rank 0's file."""
         loaders = self.dist.gather(self.train.state_dict())
-        rngs = self.dist.gather(self.rng.bit_generator.state)
         if self.dist.main:
             save_atomic(dict(model=self.model.state_dict(),
                              ema=self.ema.module.state_dict() if self.ema else None,
                              optimizer=self.optimizer.state_dict(), epoch=self.epoch,
-                             step=self.step, best=self.best, loaders=loaders, rngs=rngs,
+                             step=self.step, best=self.best, loaders=loaders,
                              args=vars(self.args)), path)
         self.last_good = path
 
@@ -480,7 +489,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
         self.train.load_state_dict(state["loaders"][self.dist.rank])
-        self.rng.bit_generator.state = state["rngs"][self.dist.rank]
         self.last_good = path
         if self.dist.main:
             logger.info("resumed from %s: epoch %d, step %d", path, self.epoch, self.step)
@@ -502,12 +510,6 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         samples, wait_s, step_s = 0, 0.0, 0.0
-        # Localized CutMix over a store on the host gathers each batch's rows there. Batch k
-        # reads the k-th slice of the epoch's order; taking the rows from it instead of
-        # reading batch.sample_index back from the GPU spares a host sync per step.
-        order = (train.epoch_order(train.epoch) if args.cutmix_prob > 0
-                 and args.label_mode.startswith("localized")
-                 and train.store.values.device != device else None)
         plan = train.planner.plan(train.epoch) if args.token_targets else None
         epoch_start = tick = time.perf_counter()
         for batch in train:
@@ -520,9 +522,6 @@ class Trainer:
             if args.token_targets:  # the loader's are the tokens'; the crop's come here
                 token_targets, targets = targets, self.crop_targets(
                     *last_batch_plan(train, plan))
-            if args.cutmix_prob > 0 and self.rng.random() < args.cutmix_prob:
-                host_rows = None if order is None else last_batch_rows(train, order)
-                images, targets = self.mix(batch, host_rows)
             if args.label_mode == "original" and args.smoothing > 0:
                 targets = smooth_labels(targets, args.smoothing)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -590,27 +589,6 @@ class Trainer:
         if bad_steps:
             self.fail_non_finite(min(bad_steps))
         return sum(losses), sum(counts)
-
-    def mix(self, batch, host_rows: Optional[torch.Tensor]) -> tuple:
-        """CutMix of a batch; `host_rows`: its store rows on the host, needed (only) when the
-        store is on the host and the batch on the GPU."""
-        images, rect = cutmix(batch.images, self.rng, self.args.cutmix_beta)
-        if self.args.label_mode.startswith("localized"):
-            store = self.train.store
-            with self.train.time_label_pooling():
-                values, indices, rows = store.values, store.indices, batch.sample_index
-                if values.device != rows.device:  # a host store: the batch's rows only
-                    values, indices = (gather_to(data, host_rows, rows.device)
-                                       for data in (values, indices))
-                    rows = torch.arange(len(host_rows), device=rows.device)
-                targets = localized_cutmix_targets(
-                    values, indices, batch.boxes, batch.flip, rows, rect,
-                    num_classes=store.num_classes,
-                    single=self.args.label_mode == "localized_single")
-        else:  # no localization: the classic area mix of the two targets
-            share = (rect[2] - rect[0]) * (rect[3] - rect[1])
-            targets = (1 - share) * batch.targets + share * batch.targets.flip(0)
-        return images, targets
 
     def share_buffers(self) -> None:
         """Rank 0's BatchNorm statistics everywhere, so every rank evaluates the saved model
