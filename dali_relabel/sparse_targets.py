@@ -282,31 +282,34 @@ def _argmax(logits: Tensor, listed: Tensor, used: Tensor, distinct: Tensor,
     return fill, winner[..., None].to(listed.dtype), torch.ones_like(fill)[..., None]
 
 
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 class _SparseCrossEntropy(torch.autograd.Function):
     """Per-row -sum_c t_c log p_c of SparseTargets, with p = softmax(logits):
-    -(f * sum_c log p_c + sum_j (t_j - f) log p_{c_j}). Saves only the logits and their
-    logsumexp for the backward pass, whose gradient (sum_c t_c) p - t is built in place."""
+    -(f * sum_c log p_c + sum_j (t_j - f) log p_{c_j}). Saves only what the targets and the
+    logits already hold; the backward pass recomputes p and builds the gradient
+    (sum_c t_c) p - t in place, in one [*R, C] tensor."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, fill: Tensor, classes: Tensor, probs: Tensor) -> Tensor:
-        z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-        num_classes = z.shape[-1]
-        lse = torch.logsumexp(z, dim=-1)
+        dtype = _compute_dtype(logits)
         used = classes >= 0
         index = torch.where(used, classes.long(), 0)
-        fill = fill.to(z.dtype)
-        excess = torch.where(used, probs.to(z.dtype) - fill[..., None], 0.0)
-        listed = z.gather(-1, index) - lse[..., None]
-        loss = -(fill * (z.sum(dim=-1) - num_classes * lse) + (excess * listed).sum(dim=-1))
-        ctx.save_for_backward(logits, lse, fill, index, excess)
+        fill = fill.to(dtype)
+        excess = torch.where(used, probs.to(dtype) - fill[..., None], 0.0)
+        # One fused pass (torch.logsumexp takes several on CPU); freed on return.
+        log_p = torch.log_softmax(logits, dim=-1, dtype=dtype)
+        loss = -(fill * log_p.sum(dim=-1) + (excess * log_p.gather(-1, index)).sum(dim=-1))
+        ctx.save_for_backward(logits, fill, index, excess)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        logits, lse, fill, index, excess = ctx.saved_tensors
-        z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-        mass = z.shape[-1] * fill + excess.sum(dim=-1)  # sum_c t_c
-        grad = torch.exp(z - lse[..., None])
+        logits, fill, index, excess = ctx.saved_tensors
+        mass = logits.shape[-1] * fill + excess.sum(dim=-1)  # sum_c t_c
+        grad = torch.softmax(logits, dim=-1, dtype=fill.dtype)
         grad.mul_((grad_loss * mass)[..., None]).sub_((grad_loss * fill)[..., None])
         grad.scatter_add_(-1, index, -excess * grad_loss[..., None])
         return grad.to(logits.dtype), None, None, None
@@ -317,8 +320,8 @@ def soft_target_cross_entropy(logits: Tensor, targets: Union[Tensor, SparseTarge
     """Soft-target cross-entropy -sum_c t_c log softmax(logits)_c per row.
 
     SparseTargets use the identity -sum_c t_c log p_c = -(f sum_c log p_c +
-    sum_j (t_j - f) log p_{c_j}) and never build dense targets; the backward pass keeps only
-    the logits and one logsumexp per row.
+    sum_j (t_j - f) log p_{c_j}) and never build dense targets; the backward pass saves
+    nothing of size [*R, C] but the logits themselves.
 
     Args:
         logits (Tensor[*R, C]): e.g. [B, C] or token logits [B, T, C]; any float dtype
@@ -350,8 +353,8 @@ def soft_target_cross_entropy(logits: Tensor, targets: Union[Tensor, SparseTarge
         if targets.device != logits.device:
             raise ValueError(f"targets must be on the device of logits ({logits.device}), got "
                              f"{targets.device}")
-        z = logits if logits.dtype == torch.float64 else logits.float()
-        per_row = -(targets.to(z.dtype) * torch.log_softmax(z, dim=-1)).sum(dim=-1)
+        dtype = _compute_dtype(logits)
+        per_row = -(targets.to(dtype) * torch.log_softmax(logits, dim=-1, dtype=dtype)).sum(-1)
     else:
         raise ValueError(f"targets must be a Tensor or SparseTargets, got "
                          f"{type(targets).__name__}")
