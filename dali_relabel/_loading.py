@@ -7,12 +7,13 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import nvidia.dali.types as types
 import torch
 import torch.distributed as dist
 
 __all__ = ["check_range", "dali_image_dtype", "finish_images", "resolve_device",
-           "resolve_shard"]
+           "resolve_shard", "to_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +111,13 @@ def check_range(name: str, value: Sequence[float], low: float) -> tuple[float, f
     if len(value) != 2 or not low < value[0] <= value[1]:
         raise ValueError(f"{name} must be (min, max) with {low} < min <= max, got {value!r}")
     return float(value[0]), float(value[1])
+
+
+def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: through pinned memory, since a
+    copy from pageable memory synchronises the stream."""
+    tensor = torch.as_tensor(np.ascontiguousarray(array) if isinstance(array, np.ndarray)
+                             else array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

@@ -11,6 +11,7 @@ content inside the crop, as they do in any ReLabel recipe that uses them).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -24,9 +25,13 @@ import torch
 from nvidia.dali.auto_aug import augmentations as dali_aug
 from nvidia.dali.auto_aug.core import select
 
+from dali_relabel._loading import to_device
+
 __all__ = ["AutoAugmentPolicy", "Augmentations", "GraphFeed", "LIGHTING_EIGVAL",
            "LIGHTING_EIGVEC", "RE_MODES", "parse_auto_augment", "parse_color_jitter",
            "random_erase"]
+
+logger = logging.getLogger(__name__)
 
 # AlexNet's PCA of ImageNet RGB (0-1 scale), as in fb.resnet.torch and the official ReLabel
 # code: eigenvalues and eigenvectors (one per column).
@@ -518,7 +523,9 @@ class Augmentations:
         a policy replaces colour jitter unless force_color_jitter."""
         ranges = parse_color_jitter(color_jitter)
         policy = parse_auto_augment(auto_augment) if auto_augment is not None else None
-        if policy is not None and not force_color_jitter:
+        if policy is not None and ranges is not None and not force_color_jitter:
+            logger.info("auto_augment=%r replaces color_jitter, as in timm; "
+                        "force_color_jitter=True applies both", auto_augment)
             ranges = None
         if isinstance(lighting, bool) or not isinstance(lighting, (int, float)) or not (
                 0.0 <= lighting < math.inf):
@@ -566,6 +573,7 @@ class Augmentations:
             plan.update(self.policy.plan(n, rng))
         if self.re_prob > 0:
             plan["erase_boxes"] = _plan_erasing(n, image_size, self.re_prob, self.re_count, rng)
+            # The noise seed of a batch is its first sample's.
             plan["erase_seed"] = rng.integers(0, 2 ** 62, size=n)
         return plan
 
@@ -659,7 +667,7 @@ def random_erase(images: torch.Tensor, boxes: np.ndarray, mode: str,
     device = images.device
     batch, channels, height, width = images.shape
     generator = torch.Generator(device=device).manual_seed(seed) if mode != "const" else None
-    spans = torch.from_numpy(boxes).to(device, non_blocking=True)
+    spans = to_device(boxes, device)
     ys, xs = torch.arange(height, device=device), torch.arange(width, device=device)
     erased = images.clone()  # in the batch's memory format (channels_last stays so)
     for k in slots:

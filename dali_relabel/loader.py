@@ -31,7 +31,7 @@ from dali_relabel.augment import Augmentations, GraphFeed, random_erase
 from dali_relabel.epoch import PlannedDecoder
 from dali_relabel.image_files import (IMAGE_EXTENSIONS, check_image_files, find_images,
                                       read_image_sizes)
-from dali_relabel.mixing import MIXUP_MODES, Mixer, Mixing
+from dali_relabel.mixing import MIXUP_MODES, Mixer, Mixing, mixing_fields
 from dali_relabel.pipeline import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, READER_NAME,
                                    val_pipeline)
 from dali_relabel.plan import EpochPlan, EpochPlanner
@@ -491,17 +491,11 @@ class ReLabelLoader:
             return images, targets, self.targets.labels(rows)
         if not self.return_meta:
             return images, targets
-        n = len(rows)
-        lam, cut, box = ((extras["mix_lam"], extras["mix_cut"], extras["mix_box"]) if mixed
-                         else (np.ones(n, np.float32), np.zeros(n, bool),
-                               np.zeros((n, 4), np.int32)))
-        cut_box = (box[:, [1, 0, 3, 2]] / np.float32(self.image_size)).astype(np.float32)
-        on_device = {name: torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
-                     for name, value in dict(lam=lam, cutmix=cut, cut_box=cut_box,
-                                             partner=np.arange(n)[::-1]).items()}
         return ReLabelBatch(images=images, targets=targets, labels=self.targets.labels(rows),
                             boxes=boxes.to(self.device), flip=flips.to(self.device),
-                            sample_index=rows.to(self.device), **on_device)
+                            sample_index=rows.to(self.device),
+                            **mixing_fields(extras if mixed else None, len(rows),
+                                            self.image_size, self.device))
 
     def time_label_pooling(self):
         """A context manager that counts its block into label_pooling_ms() (for targets made

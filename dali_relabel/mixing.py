@@ -27,10 +27,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dali_relabel._loading import to_device
 from dali_relabel.ops import label_pooling
 from dali_relabel.targets import TargetMaker
 
-__all__ = ["MIXUP_MODES", "Mixer", "Mixing", "crop_to_image", "localized_cutmix_targets"]
+__all__ = ["MIXUP_MODES", "Mixer", "Mixing", "crop_to_image", "localized_cutmix_targets",
+           "mixing_fields"]
 
 MIXUP_MODES = ("batch", "pair", "elem")
 
@@ -204,6 +206,20 @@ def localized_cutmix_targets(values: torch.Tensor, indices: torch.Tensor, *,
     return (1.0 - share) * base + share * pasted
 
 
+def mixing_fields(plan: Optional[dict[str, np.ndarray]], n: int, image_size: int,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """ReLabelBatch's mixing fields of a batch of `n` on `device`: lam, cutmix, cut_box
+    ((x1, y1, x2, y2) normalized to the output image as shown) and partner; from the batch's
+    plan, or for a batch left unmixed (`plan` None)."""
+    if plan is None:
+        plan = dict(mix_lam=np.ones(n, np.float32), mix_cut=np.zeros(n, bool),
+                    mix_box=np.zeros((n, 4), np.int32))
+    cut_box = (plan["mix_box"][:, [1, 0, 3, 2]] / np.float32(image_size)).astype(np.float32)
+    fields = dict(lam=plan["mix_lam"], cutmix=plan["mix_cut"], cut_box=cut_box,
+                  partner=np.arange(n)[::-1])
+    return {name: to_device(value, device) for name, value in fields.items()}
+
+
 def _token_bins(size: int) -> np.ndarray:
     """The S*S token bins (u1, v1, u2, v2) of an output image as shown, row by row."""
     edges = np.arange(size + 1) / size
@@ -238,11 +254,10 @@ class Mixer:
         partners, mixed = images.flip(0), images
         blend = np.where(cut, 1.0, lam).astype(np.float32)  # mixup's share of the base
         if (blend < 1.0).any():
-            w = torch.from_numpy(blend).to(device, non_blocking=True)
-            w = w.to(images.dtype).view(-1, 1, 1, 1)
+            w = to_device(blend, device).to(images.dtype).view(-1, 1, 1, 1)
             mixed = images * w + partners * (1 - w)
         if cut.any():
-            spans = torch.from_numpy(box).to(device, non_blocking=True)
+            spans = to_device(box, device)
             top, left, bottom, right = (spans[:, i, None] for i in range(4))
             pixels = torch.arange(self._size, device=device)
             inside = (((pixels >= top) & (pixels < bottom))[:, None, :, None]
@@ -250,8 +265,7 @@ class Mixer:
             mixed = torch.where(inside, partners, mixed)
         # Targets mix by area, CutMix's too, except where they are localized.
         weight = np.where(localized_cut, 1.0, lam).astype(np.float32)
-        w = torch.from_numpy(weight).to(device, non_blocking=True)
-        w = w.view(-1, *([1] * (targets.dim() - 1)))
+        w = to_device(weight, device).view(-1, *([1] * (targets.dim() - 1)))
         mixed_targets = targets * w + targets.flip(0) * (1 - w)
         if localized_cut.any():
             with self._targets.timer:
@@ -280,14 +294,14 @@ class Mixer:
         whole = share >= 1.0 - 1e-6
         partner = b - 1 - sample
         if whole.any():
-            dst = torch.from_numpy(sample[whole] * tokens + token[whole]).to(device)
-            src = torch.from_numpy(partner[whole] * tokens + token[whole]).to(device)
+            dst = to_device(sample[whole] * tokens + token[whole], device)
+            src = to_device(partner[whole] * tokens + token[whole], device)
             flat_mixed[dst] = flat_targets[src]
         edge = (share > 1e-6) & ~whole
         if edge.any():
             relative = (np.concatenate([low[edge], high[edge]], axis=1)
                         - bins[edge][:, [0, 1, 0, 1]]) * self._targets.output_size
-            dst = torch.from_numpy(sample[edge] * tokens + token[edge]).to(device)
+            dst = to_device(sample[edge] * tokens + token[edge], device)
             flat_mixed[dst] = self._edge_targets(boxes, flips, rows, sample[edge],
                                                  partner[edge], bins[edge], relative)
         return flat_mixed.view_as(mixed)
@@ -299,23 +313,20 @@ class Mixer:
         bin mapped into its image is the crop, `relative` the pasted part of it)."""
         maker, device = self._targets, self._targets.device
         store = maker.store
-        boxes, flips = boxes.to(device, non_blocking=True), flips.to(device, non_blocking=True)
+        boxes, flips = to_device(boxes, device), to_device(flips, device)
         if maker.fused_gather:
-            values, indices, index = store.values, store.indices, rows.to(device)
+            values, indices, index = store.values, store.indices, to_device(rows, device)
         else:  # the batch's rows (partners are in the batch) gathered on the host
-            gathered = [torch.index_select(data, 0, rows) for data in (store.values,
-                                                                       store.indices)]
-            if device.type == "cuda":
-                gathered = [data.pin_memory() for data in gathered]
-            values, indices = (data.to(device, non_blocking=True) for data in gathered)
+            values, indices = (to_device(torch.index_select(data, 0, rows), device)
+                               for data in (store.values, store.indices))
             index = torch.arange(len(rows), device=device)
-        sample, partner = (torch.from_numpy(a).to(device) for a in (sample, partner))
-        bins = torch.from_numpy(bins.astype(np.float32)).to(device)
+        sample, partner = to_device(sample, device), to_device(partner, device)
+        bins = to_device(bins.astype(np.float32), device)
         return localized_cutmix_targets(
             values, indices,
             boxes=crop_to_image(boxes[sample], flips[sample], bins), flip=flips[sample],
             sample_index=index[sample],
             partner_boxes=crop_to_image(boxes[partner], flips[partner], bins),
             partner_flip=flips[partner], partner_index=index[partner],
-            rects=torch.from_numpy(relative.astype(np.float32)).to(device),
+            rects=to_device(relative.astype(np.float32), device),
             num_classes=store.num_classes, single=maker.label_mode == "localized_single")

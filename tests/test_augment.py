@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from nvidia.dali import fn, pipeline_def, types
-from PIL import Image, ImageEnhance, ImageOps
+from nvidia.dali import fn, pipeline_def
+from PIL import Image
 
 from dali_relabel import augment
 from dali_relabel.augment import (LIGHTING_EIGVAL, LIGHTING_EIGVEC, Augmentations,
