@@ -23,6 +23,8 @@ __all__ = ["SPARSE_MODES", "SparseTargets", "footprint", "soft_target_cross_entr
 
 SPARSE_MODES = ("softmax", "argmax")
 REDUCTIONS = ("mean", "sum", "none")
+# Footprint entries pooled at once (about 45 bytes of temporaries each: ~90 MB).
+_CHUNK_ENTRIES = 1 << 21
 
 
 def class_dtype(num_classes: int) -> torch.dtype:
@@ -201,11 +203,33 @@ def sparse_label_pooling(
         raise ValueError(f"mode must be one of {SPARSE_MODES} for sparse targets, got {mode!r}")
     values, indices, boxes, flip, sample_index = _prepare(
         values, indices, boxes, num_classes, output_size, flip, sample_index, mode, check_inputs)
-    if sample_index is not None:
-        values = values.index_select(0, sample_index)
-        indices = indices.index_select(0, sample_index)
-    b, k, h, w = values.shape
-    s = output_size
+    _, k, h, w = values.shape
+    b, tokens, device = len(boxes), output_size ** 2, values.device
+    entries = k * footprint(h, output_size) * footprint(w, output_size)
+    slots = min(entries, num_classes) if mode == "softmax" else 1
+    fill = torch.empty(b, tokens, device=device)
+    classes = torch.empty(b, tokens, slots, dtype=class_dtype(num_classes), device=device)
+    probs = torch.empty(b, tokens, slots, device=device)
+    # A batch's footprint entries can outnumber its dense targets (45 per token at S = 14
+    # against C = 1000): pooling chunks of boxes bounds the temporaries.
+    chunk = max(1, _CHUNK_ENTRIES // (tokens * entries))
+    for start in range(0, b, chunk):
+        part = slice(start, start + chunk)
+        rows = part if sample_index is None else sample_index[part]
+        fill[part], classes[part], probs[part] = _pool(
+            values[rows], indices[rows], boxes[part], None if flip is None else flip[part],
+            num_classes, output_size, mode)
+    if output_size == 1:
+        fill, classes, probs = fill[:, 0], classes[:, 0], probs[:, 0]
+    return SparseTargets(fill, classes, probs, num_classes)
+
+
+def _pool(values: Tensor, indices: Tensor, boxes: Tensor, flip: Optional[Tensor],
+          num_classes: int, output_size: int, mode: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """sparse_label_pooling of boxes on their own rows [n, K, H, W]: (fill [n, T], classes
+    [n, T, U], probs [n, T, U])."""
+    n, k, h, w = values.shape
+    s, device = output_size, values.device
     rois = boxes * boxes.new_tensor([w, h, w, h]) - 0.5
     rows, wy = _windows(_axis_weights(rois[:, 1], rois[:, 3], h, s), footprint(h, s))
     cols, wx = _windows(_axis_weights(rois[:, 0], rois[:, 2], w, s), footprint(w, s))
@@ -213,17 +237,16 @@ def sparse_label_pooling(
         mirrored = flip[:, None, None]
         cols = torch.where(mirrored, cols.flip(1), cols)
         wx = torch.where(mirrored, wx.flip(1), wx)
-    fy, fx = rows.shape[-1], cols.shape[-1]
-    entries = k * fy * fx
+    entries = k * rows.shape[-1] * cols.shape[-1]
     # Entry (k, i, j) of bin (p, q) is cell (rows[p, i], cols[q, j]) of map k: the entries
-    # [B, S, S, K, F, F], flattened per box to index the box's K * H * W values.
-    cell = (torch.arange(k, device=values.device)[:, None, None] * (h * w)
+    # [n, S, S, K, F, F], flattened per box to index its K * H * W values.
+    cell = (torch.arange(k, device=device)[:, None, None] * (h * w)
             + rows[:, :, None, None, :, None] * w + cols[:, None, :, None, None, :])
-    cell = cell.reshape(b, s * s * entries)
+    cell = cell.view(n, s * s * entries)
     weight = wy[:, :, None, None, :, None] * wx[:, None, :, None, None, :]
-    weight = weight.expand(-1, -1, -1, k, -1, -1).reshape(b, s * s, entries)
-    contrib = weight * values.reshape(b, k * h * w).float().gather(1, cell).view_as(weight)
-    classes = indices.reshape(b, k * h * w).gather(1, cell).view(b, s * s, entries)
+    weight = weight.expand(-1, -1, -1, k, -1, -1).reshape(n, s * s, entries)
+    contrib = weight * values.reshape(n, k * h * w).gather(1, cell).view_as(weight).float()
+    classes = indices.reshape(n, k * h * w).gather(1, cell).view(n, s * s, entries)
 
     # One slot per distinct class: sort by class, sum each run (a class listed twice counts
     # twice, as after densifying).
@@ -233,19 +256,15 @@ def sparse_label_pooling(
     new[..., 1:] = classes[..., 1:] != classes[..., :-1]
     slot = new.long().cumsum(dim=-1) - 1
     slots = min(entries, num_classes)
-    logits = torch.zeros(b, s * s, slots, device=values.device).scatter_add_(-1, slot, contrib)
-    listed = torch.full((b, s * s, slots), -1, dtype=class_dtype(num_classes),
-                        device=values.device)
+    logits = torch.zeros(n, s * s, slots, device=device).scatter_add_(-1, slot, contrib)
+    listed = torch.full((n, s * s, slots), -1, dtype=class_dtype(num_classes), device=device)
     listed.scatter_(-1, slot, classes.to(listed.dtype))
     distinct = slot[..., -1] + 1
-    used = torch.arange(slots, device=values.device) < distinct[..., None]
+    used = torch.arange(slots, device=device) < distinct[..., None]
     if mode == "softmax":
         fill, probs = _softmax(logits, used, distinct, num_classes)
-    else:
-        fill, listed, probs = _argmax(logits, listed, used, distinct, num_classes)
-    if s == 1:
-        fill, listed, probs = fill[:, 0], listed[:, 0], probs[:, 0]
-    return SparseTargets(fill, listed, probs, num_classes)
+        return fill, listed, probs
+    return _argmax(logits, listed, used, distinct, num_classes)
 
 
 def _softmax(logits: Tensor, used: Tensor, distinct: Tensor,

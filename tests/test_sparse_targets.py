@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 from conftest import make_boxes, make_label_maps
 from dali_relabel import LabelMapStore, label_pooling, reference_label_pooling, write_labelmaps
+from dali_relabel import sparse_targets
 from dali_relabel.ops import BOX_TOLERANCE
 from dali_relabel.sparse_targets import (SparseTargets, _axis_weights, footprint,
                                          soft_target_cross_entropy, sparse_label_pooling)
@@ -56,6 +57,19 @@ def test_matches_reference_with_flip_and_gather(output_size, mode):
     f = footprint(15, output_size)
     assert sparse.classes.shape[-1] == (min(5 * f * f, 1000) if mode == "softmax" else 1)
     assert sparse.classes.dtype == torch.int16 and sparse.probs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["softmax", "argmax"])
+def test_chunks_of_boxes_give_the_same_targets(monkeypatch, mode):
+    values, indices = make_label_maps(9, 5, 100, seed=16)
+    kwargs = dict(num_classes=100, output_size=3, mode=mode, flip=torch.arange(7) % 2 == 0,
+                  sample_index=torch.tensor([8, 0, 4, 4, 2, 7, 1]))
+    boxes = make_boxes(7, seed=17)
+    whole = sparse_label_pooling(values, indices, boxes, **kwargs)
+    monkeypatch.setattr(sparse_targets, "_CHUNK_ENTRIES", 2 * 9 * 5 * footprint(15, 3) ** 2)
+    chunked = sparse_label_pooling(values, indices, boxes, **kwargs)
+    for field in ("fill", "classes", "probs"):
+        assert torch.equal(getattr(chunked, field), getattr(whole, field)), field
 
 
 @pytest.mark.parametrize("output_size", [1, 3, 5, 15])
