@@ -461,6 +461,15 @@ def parse_auto_augment(config: str) -> AutoAugmentPolicy:
     as timm's rand_augment_transform), "original", "originalr", "v0", "v0r" AutoAugment
     (optionally "-mstd0.5"), or "ta_wide" / "trivialaugment" (torchvision's
     TrivialAugmentWide). Anything else, AugMix included, is refused with a ValueError.
+
+    Magnitudes stay on timm's scale: m out of 10 (mstd noise and the clip to [0, mmax]
+    included), turned into each operation's argument by timm's level functions on the host
+    (TrivialAugmentWide: torchvision's 31 magnitude bins). The DALI operations receive that
+    argument directly, so DALI's own magnitude bins (num_magnitude_bins=31 in its
+    rand_augment) play no part and no rescaling between the two is needed. Differences to
+    timm's PIL operations: one grey fill for all channels (the mean of `mean`, where timm
+    fills with the per-channel mean), bilinear warps (timm picks bilinear or bicubic at
+    random), and equalize follows OpenCV's formula.
     """
     if not isinstance(config, str) or not config:
         raise ValueError(f"auto_augment must be a policy string such as 'rand-m9-mstd0.5-inc1',"
