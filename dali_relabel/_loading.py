@@ -12,7 +12,7 @@ import nvidia.dali.types as types
 import torch
 import torch.distributed as dist
 
-__all__ = ["check_range", "dali_image_dtype", "finish_images", "resolve_device",
+__all__ = ["check_mean_std", "check_range", "dali_image_dtype", "finish_images", "resolve_device",
            "resolve_shard", "to_device"]
 
 logger = logging.getLogger(__name__)
@@ -121,3 +121,21 @@ def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.T
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+def check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple, tuple]:
+    """The normalization as 3-tuples on the decoded pixels' 0-255 scale.
+
+    timm's and torchvision's constants are on the 0-1 scale; an std below 1 on 0-255 pixels
+    would blow the images up by more than 255x, so it is refused with the fix in the message.
+    """
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std must have 3 values (R, G, B), got {mean!r}, {std!r}")
+    if min(std) <= 0:
+        raise ValueError(f"std must be > 0, got {std!r}")
+    if max(std) < 1:
+        raise ValueError(f"mean and std are on the 0-255 scale of the decoded pixels, but "
+                         f"std={std!r} looks like the 0-1 scale (timm's, torchvision's): "
+                         "multiply mean and std by 255")
+    return mean, std

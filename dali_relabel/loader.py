@@ -24,8 +24,8 @@ import torch
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from dali_relabel._loading import (check_range, dali_image_dtype, finish_images,
-                                   resolve_device, resolve_shard)
+from dali_relabel._loading import (check_mean_std, check_range, dali_image_dtype,
+                                   finish_images, resolve_device, resolve_shard)
 from dali_relabel._utils import check_positive_int, cpu_share
 from dali_relabel.augment import Augmentations, GraphFeed, random_erase
 from dali_relabel.epoch import PlannedDecoder
@@ -355,6 +355,7 @@ class ReLabelLoader:
             raise ValueError(f"scale must lie within (0, 1], got {scale!r}")
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f"hflip must be a probability in [0, 1], got {hflip!r}")
+        mean, std = check_mean_std(mean, std)
         self.device, device_id = resolve_device(device)
         shard_id, num_shards = resolve_shard(shard_id, num_shards)
         self.store = _open_store(labelmaps, labelmaps_placement, self.device)
@@ -398,7 +399,7 @@ class ReLabelLoader:
             image_root=self.image_root, labelmaps=self.store.path, paths=self.store.paths,
             sizes=self.planner.sizes, check_sizes=check_sizes,
             decoder_device="mixed" if device_id is not None else "cpu", image_size=image_size,
-            mean=tuple(mean), std=tuple(std), dtype=dali_image_dtype(dtype),
+            mean=mean, std=std, dtype=dali_image_dtype(dtype),
             channels_last=channels_last, adjust_orientation=adjust_orientation,
             jpeg_fancy_upsampling=jpeg_fancy_upsampling, batch_size=batch_size,
             num_threads=num_threads or cpu_share(), device_id=device_id,
@@ -618,6 +619,7 @@ class ValLoader:
                              f"{interpolation!r}")
         if resize_size < image_size:
             raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}")
+        mean, std = check_mean_std(mean, std)
         self.device, self._device_id = resolve_device(device)
         self.shard_id, self.num_shards = resolve_shard(shard_id, num_shards)
         self.image_root = os.fspath(image_root)
@@ -642,7 +644,7 @@ class ValLoader:
         self._pipeline_args = dict(
             decoder_device="mixed" if self._device_id is not None else "cpu",
             image_size=image_size, resize_size=resize_size, interpolation=interpolation,
-            mean=tuple(mean), std=tuple(std),
+            mean=mean, std=std,
             dtype=dali_image_dtype(dtype), channels_last=channels_last,
             adjust_orientation=adjust_orientation, jpeg_fancy_upsampling=jpeg_fancy_upsampling,
             batch_size=batch_size, num_threads=num_threads or cpu_share(),

@@ -292,6 +292,10 @@ def test_exclude_and_missing_files(dataset, tmp_path):
     pytest.param(dict(shard_id=2, num_shards=2), "shard_id must lie in", id="shard-id"),
     pytest.param(dict(batch_size=31), "leaves no full batch", id="batch-larger-than-data"),
     pytest.param(dict(dtype=torch.int8), "dtype must be one of", id="image-dtype"),
+    pytest.param(dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+                 "looks like the 0-1 scale (timm's, torchvision's): multiply mean and std by "
+                 "255", id="mean-std-on-0-1-scale"),
+    pytest.param(dict(std=(58.0, 57.0)), "mean and std must have 3 values", id="std-of-2"),
 ])
 def test_bad_arguments(dataset, kwargs, message):
     root, store_path = dataset
