@@ -1,10 +1,12 @@
-"""What both loaders need to know about where they run: device, shard, image dtype."""
+"""What both loaders share: where they run (device, shard), image dtype and normalization
+checks, and the DataLoader surface training scripts use (``loader.dataset``,
+``loader.sampler``)."""
 from __future__ import annotations
 
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,8 +14,8 @@ import nvidia.dali.types as types
 import torch
 import torch.distributed as dist
 
-__all__ = ["check_mean_std", "check_range", "dali_image_dtype", "finish_images", "resolve_device",
-           "resolve_shard", "to_device"]
+__all__ = ["EpochSampler", "LoaderDataset", "check_epoch", "check_mean_std", "check_range",
+           "dali_image_dtype", "finish_images", "resolve_device", "resolve_shard"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,3 +141,42 @@ def check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple, 
                          f"std={std!r} looks like the 0-1 scale (timm's, torchvision's): "
                          "multiply mean and std by 255")
     return mean, std
+
+
+class LoaderDataset:
+    """``loader.dataset``: what scripts read of a torchvision dataset, its size and classes.
+
+    Attributes:
+        root: The image folder.
+        classes: Class names in index order.
+    """
+
+    def __init__(self, root: str, classes: Sequence[str], size: int) -> None:
+        self.root = root
+        self.classes = list(classes)
+        self._size = size
+
+    def __len__(self) -> int:
+        """Images in the split (every shard's, after exclusions)."""
+        return self._size
+
+
+class EpochSampler:
+    """``loader.sampler``: ``set_epoch`` as DistributedSampler's, for scripts that call it."""
+
+    def __init__(self, set_epoch: Callable[[int], None], size: int) -> None:
+        self._set_epoch = set_epoch
+        self._size = size
+
+    def set_epoch(self, epoch: int) -> None:
+        self._set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Samples this rank reads per epoch."""
+        return self._size
+
+
+def check_epoch(epoch: int) -> None:
+    """Raises a ValueError unless `epoch` is an int >= 0."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
