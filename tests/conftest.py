@@ -5,38 +5,12 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+from jpeg_data import make_jpeg_dataset  # noqa: E402
 
 
-def make_label_maps(num_rows: int, topk: int, num_classes: int, *, height: int = 15,
-                    width: int = 15, dtype: torch.dtype = torch.float16, seed: int = 0):
-    """Random top-k label maps shaped like an annotator's: each image draws a few classes it
-    'contains', every cell lists `topk` distinct ones of them with logit-like values."""
-    gen = torch.Generator().manual_seed(seed)
-    pool_size = max(topk, min(num_classes, 8))
-    values = torch.empty(num_rows, topk, height, width)
-    indices = torch.empty(num_rows, topk, height, width, dtype=torch.int64)
-    for n in range(num_rows):
-        pool = torch.randperm(num_classes, generator=gen)[:pool_size]
-        choice = torch.rand(height, width, pool_size, generator=gen).argsort(dim=-1)[..., :topk]
-        indices[n] = pool[choice].permute(2, 0, 1)
-        values[n] = torch.randn(topk, height, width, generator=gen) * 4
-    index_dtype = torch.int16 if num_classes <= 32767 else torch.int32
-    return values.to(dtype), indices.to(index_dtype)
-
-
-def make_boxes(num_boxes: int, *, seed: int = 0) -> torch.Tensor:
-    """Boxes as RandomResizedCrop makes them (scale 0.08-1, ratio 3/4-4/3), normalized."""
-    gen = torch.Generator().manual_seed(seed)
-    area = torch.empty(num_boxes).uniform_(0.08, 1.0, generator=gen)
-    log_ratio = torch.empty(num_boxes).uniform_(-0.2877, 0.2877, generator=gen)
-    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
-    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-    x1 = torch.rand(num_boxes, generator=gen) * (1 - w)
-    y1 = torch.rand(num_boxes, generator=gen) * (1 - h)
-    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
-
-
-@pytest.fixture
-def label_maps():
-    return make_label_maps
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """An ImageFolder of real JPEGs of varied sizes and a label-map store listing them:
+    (image root, store path)."""
+    return make_jpeg_dataset(tmp_path_factory.mktemp("train"))

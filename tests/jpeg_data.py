@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 import dali_relabel
-from conftest import make_label_maps
+from labelmap_data import make_label_maps
 
 NUM_IMAGES = 30
 NUM_CLASSES = 10

@@ -13,9 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import make_label_maps
+from labelmap_data import make_label_maps
 from dali_relabel import LabelMapStore, write_labelmaps
-from test_loader import dataset  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -24,7 +23,7 @@ KERNEL = textwrap.dedent("""
     import torch
     from torch.testing import assert_close
     sys.path.insert(0, sys.argv[1])
-    from conftest import make_boxes, make_label_maps
+    from labelmap_data import make_boxes, make_label_maps
     from dali_relabel import MODES, label_pooling, reference_label_pooling
 
     def check(values, indices, boxes, num_classes, output_sizes, flip=None, sample_index=None):

@@ -10,23 +10,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import make_boxes, make_label_maps
+from labelmap_data import EDGE_BOXES, REPEATED_CLASSES, make_boxes, make_label_maps
 from dali_relabel import MODES, label_pooling, reference_label_pooling
 
 # Whole image, one pixel wide/tall on a 500-pixel image, each border, a corner, empty.
-EDGE_BOXES = torch.tensor([
-    [0.0, 0.0, 1.0, 1.0],
-    [0.3, 0.2, 0.302, 0.9],
-    [0.1, 0.5, 0.8, 0.502],
-    [0.0, 0.1, 0.3, 0.7],
-    [0.6, 0.2, 1.0, 0.9],
-    [0.2, 0.0, 0.5, 0.4],
-    [0.1, 0.7, 0.9, 1.0],
-    [0.9, 0.9, 1.0, 1.0],
-    [0.5, 0.5, 0.5, 0.5],
-])
-
-
 def assert_matches_reference(values, indices, boxes, **kwargs):
     """Both outputs, compared within 1e-5 absolute."""
     got = label_pooling(values, indices, boxes, **kwargs)
@@ -239,31 +226,6 @@ def test_cpu_kernel_refuses_empty_map_axes(dim):
     with pytest.raises(RuntimeError, match="K, H, W >= 1"):
         _label_pooling_cpu.label_pooling_forward(values.contiguous(), indices.contiguous(),
                                                  make_boxes(2, seed=25), None, None, 10, 1, 0)
-
-
-def repeat_in_cell(values, indices):
-    indices[:, 1] = indices[:, 0]
-    return values, indices
-
-
-def same_classes_everywhere(values, indices):
-    # Every cell lists the same 3 classes: each class gathers pairs from the whole footprint.
-    indices[:] = torch.tensor([7, 3, 5], dtype=indices.dtype).view(1, 3, 1, 1)
-    return values, indices
-
-
-def repeat_in_cell_and_everywhere(values, indices):
-    indices[:, 1] = indices[:, 0]
-    indices[:, 2] = 11
-    return values, indices
-
-
-# Changes to 3-class-per-cell maps of 20 classes; the densified map sums repeated entries.
-REPEATED_CLASSES = [
-    pytest.param(repeat_in_cell, id="class-twice-in-a-cell"),
-    pytest.param(same_classes_everywhere, id="same-classes-in-every-cell"),
-    pytest.param(repeat_in_cell_and_everywhere, id="twice-in-a-cell-and-everywhere"),
-]
 
 
 @pytest.mark.parametrize("mode", MODES)

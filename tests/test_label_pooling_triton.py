@@ -16,10 +16,9 @@ import torch
 from torch.testing import assert_close
 from triton.backends import backends as TRITON_BACKENDS
 
-from conftest import make_boxes, make_label_maps
+from labelmap_data import EDGE_BOXES, REPEATED_CLASSES, make_boxes, make_label_maps
 from dali_relabel import MODES, reference_label_pooling
 from dali_relabel.kernels.label_pooling_triton import label_pooling_triton
-from test_label_pooling import EDGE_BOXES, REPEATED_CLASSES
 
 
 def assert_matches_reference(values, indices, boxes, num_classes, output_size, mode, *,

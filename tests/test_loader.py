@@ -8,17 +8,10 @@ from PIL import Image
 from torch.testing import assert_close
 
 import dali_relabel
-from conftest import make_label_maps
+from labelmap_data import make_label_maps
 from dali_relabel import LabelMapStore, reference_label_pooling
 from dali_relabel.loader import LABEL_MODES, ReLabelLoader, ValLoader
-from jpeg_data import (NUM_CLASSES, NUM_IMAGES, RAW, make_jpeg_dataset, pil_crop,  # noqa: F401
-                       textured_image)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """An ImageFolder of JPEGs of varied sizes and a label-map store listing them."""
-    return make_jpeg_dataset(tmp_path_factory.mktemp("train"))
+from jpeg_data import NUM_CLASSES, NUM_IMAGES, RAW, pil_crop, textured_image
 
 
 def collect(loader, epochs=1):

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from test_loader import NUM_IMAGES, dataset  # noqa: F401  (the fixture)
+from jpeg_data import NUM_IMAGES
 
 WORKER = textwrap.dedent("""
     import json, sys

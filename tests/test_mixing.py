@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import make_boxes, make_label_maps
+from labelmap_data import make_boxes, make_label_maps
 from dali_relabel import LabelMapStore, label_pooling, reference_label_pooling
 from dali_relabel.loader import ReLabelLoader
 from dali_relabel.mixing import Mixing, crop_to_image, localized_cutmix_targets

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import make_boxes, make_label_maps
+from labelmap_data import make_boxes, make_label_maps
 from dali_relabel import LabelMapStore, label_pooling, reference_label_pooling, write_labelmaps
 from dali_relabel import sparse_targets
 from dali_relabel.ops import BOX_TOLERANCE

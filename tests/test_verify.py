@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import dali_relabel
-from conftest import make_label_maps
+from labelmap_data import make_label_maps
 from dali_relabel.cli import main
 from dali_relabel.loader import ReLabelLoader
 from dali_relabel.verify import read_path_list, verify_images
-from test_loader import textured_image
+from jpeg_data import textured_image
 
 GOOD = 9
 
