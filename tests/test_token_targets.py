@@ -1,5 +1,6 @@
-"""Token targets end to end: ReLabelLoader(sparse_targets=True) against the dense loader, and
-train/run.py's token labeling (--token-targets) on a ViT over the tiny synthetic dataset."""
+"""Token targets end to end: ReLabelLoader(sparse_targets=True) against the dense loader,
+train/run.py's token labeling (--token-targets) on a ViT over the tiny synthetic dataset, and
+benchmarks/token_targets_bench.py on small sizes."""
 import os
 import sys
 
@@ -13,7 +14,10 @@ from dali_relabel.synthetic import make_synthetic_imagenet
 TRAIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train")
 sys.path.insert(0, TRAIN_DIR)
 import run  # noqa: E402
-from token_labeling import last_batch_plan  # noqa: E402
+from token_labeling import TokenLabelingModel, create_token_model, last_batch_plan  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(TRAIN_DIR), "benchmarks"))
+import token_targets_bench  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +59,8 @@ def test_one_epoch_of_token_labeling_on_a_vit(tiny, tmp_path):
     assert "head.weight" in state["model"]
 
 
-def test_token_model_forward_and_loss(tiny, tmp_path):
-    """The token logits are the patch tokens through the model's head, and the token loss
-    of sparse targets equals the dense one."""
-    from token_labeling import TokenLabelingModel, create_token_model
-
+def test_token_model_gives_class_and_patch_token_logits():
+    """Class logits as the model's own; token logits are the patch tokens through its head."""
     model = create_token_model("vit_tiny_patch16_224", token_targets=4, image_size=64,
                                num_classes=4).eval()
     images = torch.randn(2, 3, 64, 64)
@@ -80,3 +81,15 @@ def test_token_model_forward_and_loss(tiny, tmp_path):
 def test_bad_token_options_are_named(tiny, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         run.main(demo_args(tiny, tmp_path, *extra))
+
+
+def test_benchmark_runs_and_writes_its_results(tmp_path):
+    result = token_targets_bench.main(["--configs", "4x50,2x40000", "--output-size", "3",
+                                       "--repeats", "1", "--max-seconds", "0",
+                                       "--out", str(tmp_path)])
+    assert (tmp_path / "token_targets_bench.json").exists()
+    assert (tmp_path / "token_targets_bench.png").exists()
+    small, many = result["rows"]
+    assert small["dense_bytes"] == 4 * 9 * 50 * 4 and many["sparse_bytes"] < many["dense_bytes"]
+    for key in ("sparse_step_ms", "dense_step_ms", "sparse_targets_ms", "dense_targets_ms"):
+        assert small[key] > 0
