@@ -230,9 +230,10 @@ def _pool(values: Tensor, indices: Tensor, boxes: Tensor, flip: Optional[Tensor]
     [n, T, U], probs [n, T, U])."""
     n, k, h, w = values.shape
     s, device = output_size, values.device
-    rois = boxes * boxes.new_tensor([w, h, w, h]) - 0.5
-    rows, wy = _windows(_axis_weights(rois[:, 1], rois[:, 3], h, s), footprint(h, s))
-    cols, wx = _windows(_axis_weights(rois[:, 0], rois[:, 2], w, s), footprint(w, s))
+    # Python scalars: a tensor of the scales would be copied to the device with a host sync.
+    x1, y1, x2, y2 = (boxes[:, i] * (w if i % 2 == 0 else h) - 0.5 for i in range(4))
+    rows, wy = _windows(_axis_weights(y1, y2, h, s), footprint(h, s))
+    cols, wx = _windows(_axis_weights(x1, x2, w, s), footprint(w, s))
     if flip is not None and s > 1:
         mirrored = flip[:, None, None]
         cols = torch.where(mirrored, cols.flip(1), cols)
