@@ -126,16 +126,25 @@ class TargetMaker:
         fused_gather: Pool straight from the whole store by row (the store must be on
             `device`); else gather the batch's rows on the host (into pinned memory for a
             GPU) and copy them.
-        sparse: Make SparseTargets (rows [B] or [B, S*S]) instead of dense tensors, in every
-            label mode: the localized ones pool sparsely (softmax: the listed classes of each
-            bin's footprint; single: one class), the global ones give every token the
-            whole-image target (one row, expanded without a copy), "original" the label
-            with probability 1 (default: False).
+        sparse: Make SparseTargets (rows [B] or [B, S*S]) instead of dense tensors: the
+            localized modes pool sparsely (multi: the classes of each bin's footprint;
+            single: the top class), "global_single" gives every token the whole image's top
+            class and "original" the label, with probability 1 (default: False).
+            "global_multi" with S > 1 is refused: every token would list the whole map's
+            classes (up to K*H*W), which the loss would expand per token.
+
+    Raises:
+        ValueError: sparse with label_mode "global_multi" and output_size > 1.
     """
 
     def __init__(self, store: LabelMapStore, device: torch.device, *, label_mode: str,
                  output_size: int, fused_gather: bool, sparse: bool = False) -> None:
         assert label_mode in LABEL_MODES, label_mode
+        if sparse and label_mode == "global_multi" and output_size > 1:
+            raise ValueError(
+                "sparse targets with label_mode='global_multi' and output_size > 1: every "
+                "token's target would list every class of the whole map (up to K*H*W = "
+                f"{store.topk * store.height * store.width}); use dense targets")
         self.store = store
         self.device = device
         self.label_mode = label_mode

@@ -284,8 +284,13 @@ def store(tmp_path_factory):
 def test_target_maker_sparse_equals_dense(store, label_mode, output_size, fused_gather):
     boxes, flip = make_boxes(8, seed=15), torch.arange(8) % 2 == 1
     rows = torch.tensor([11, 0, 3, 3, 7, 5, 9, 2])
-    makers = [TargetMaker(store, torch.device("cpu"), label_mode=label_mode,
-                          output_size=output_size, fused_gather=fused_gather, sparse=sparse)
+    kwargs = dict(label_mode=label_mode, output_size=output_size, fused_gather=fused_gather)
+    if label_mode == "global_multi" and output_size > 1:
+        with pytest.raises(ValueError, match=r"sparse targets with label_mode='global_multi' "
+                                             r"and output_size > 1: .* K\*H\*W = 1125"):
+            TargetMaker(store, torch.device("cpu"), sparse=True, **kwargs)
+        return
+    makers = [TargetMaker(store, torch.device("cpu"), sparse=sparse, **kwargs)
               for sparse in (False, True)]
     dense, sparse = (maker(boxes, flip, rows) for maker in makers)
     assert isinstance(sparse, SparseTargets) and isinstance(dense, torch.Tensor)

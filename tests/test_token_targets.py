@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
                                    image_size=(40, 64), progress=False)
 
 
-@pytest.mark.parametrize("label_mode", ["localized_multi", "global_multi"])
+@pytest.mark.parametrize("label_mode", ["localized_multi", "global_single"])
 def test_loader_sparse_targets_equal_the_dense_ones(tiny, label_mode):
     kwargs = dict(device="cpu", image_size=32, output_size=3, label_mode=label_mode, seed=3,
                   return_meta=True, num_threads=1)
@@ -77,6 +77,8 @@ def test_token_model_gives_class_and_patch_token_logits():
     (["--token-targets", "4", "--model", "resnet10t"], "needs a ViT-style timm model"),
     (["--token-targets", "4", "--cutmix-prob", "0.5"], "does not combine with --cutmix-prob"),
     (["--token-targets", "-1"], "--token-targets must be >= 0"),
+    (["--token-targets", "4", "--label-mode", "global_multi"],
+     "--token-targets with --label-mode global_multi"),
 ])
 def test_bad_token_options_are_named(tiny, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):

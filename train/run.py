@@ -241,6 +241,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             raise SystemExit("--cutmix-prob P --cutmix-beta B is the older spelling of --cutmix "
                              "B --mixup-prob P; give one or the other")
         args.cutmix, args.mixup_prob = args.cutmix_beta, args.cutmix_prob
+    if args.token_targets and args.label_mode == "global_multi":
+        raise SystemExit("--token-targets with --label-mode global_multi: every token's "
+                         "target would be the whole image's, listing every class of its "
+                         "map; not supported sparse")
     if args.token_targets and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax):
         raise SystemExit("--token-targets does not combine with --cutmix-prob, --cutmix or "
                          "--mixup yet (the loader mixes dense targets, token targets are "
