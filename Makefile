@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PIP) install -q -e '.[test,bench]' --no-build-isolation
 	$(PY) benchmarks/kernel_bench.py
 	$(PY) benchmarks/loader_bench.py
+	$(PY) benchmarks/token_targets_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info kernels/*.so
