@@ -367,6 +367,9 @@ class ReLabelLoader:
             augment_source=self._augment_feed if in_graph else None,
             enable_conditionals=in_graph)
         self._epoch, self._batches_done = 0, 0
+        # The whole plan of the epoch being iterated (host arrays), for code that needs a
+        # batch's boxes, flips or rows without copying them back from the device.
+        self.plan: Optional[EpochPlan] = None
         self._running = False  # an iteration has started and not finished
         self._resuming = False  # load_state_dict set a position for the next iteration
 
@@ -414,7 +417,7 @@ class ReLabelLoader:
         if self._running:  # the previous iteration stopped early: next epoch
             self._epoch, self._batches_done = self._epoch + 1, 0
         self._running, self._resuming = True, False
-        plan = self.planner.plan(self._epoch)
+        plan = self.plan = self.planner.plan(self._epoch)
         extras = self._plan_extras(plan)
         plan = plan.skip(self._batches_done)
         if len(plan.rows):

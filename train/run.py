@@ -514,7 +514,6 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         samples, wait_s, step_s = 0, 0.0, 0.0
-        plan = train.planner.plan(train.epoch) if args.token_targets else None
         epoch_start = tick = time.perf_counter()
         for batch in train:
             fetched = time.perf_counter()
@@ -525,7 +524,7 @@ class Trainer:
             images, targets = batch.images, batch.targets
             if args.token_targets:  # the loader's are the tokens'; the crop's come here
                 token_targets, targets = targets, self.crop_targets(
-                    *last_batch_plan(train, plan))
+                    *last_batch_plan(train))
             if args.label_mode == "original" and args.smoothing > 0:
                 targets = smooth_labels(targets, args.smoothing)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from dali_relabel import ReLabelLoader
-from dali_relabel.plan import EpochPlan
 
 
 class TokenLabelingModel(nn.Module):
@@ -61,10 +60,10 @@ def create_token_model(name: str, *, token_targets: int, image_size: int,
     return model
 
 
-def last_batch_plan(loader: ReLabelLoader, plan: EpochPlan
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(boxes, flips, rows) of the batch `loader` yielded last, on the host, from its
-    epoch's `plan` (loader.planner.plan(epoch)): batch k is the plan's k-th batch."""
+def last_batch_plan(loader: ReLabelLoader) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(boxes, flips, rows) of the batch `loader` yielded last, on the host, from the plan
+    of the epoch it is iterating: batch k is the plan's k-th batch."""
+    plan = loader.plan
     samples = plan.batch(loader.state_dict()["batches_done"] - 1)
     return tuple(torch.from_numpy(np.ascontiguousarray(a[samples]))
                  for a in (plan.boxes, plan.flips, plan.rows))
