@@ -7,6 +7,7 @@ import glob
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "cpu_share",
     "open_rgb_image",
     "relative_path_problem",
+    "without_pil_pixel_limit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x01-\x1f\x7f]")  # NUL is checked apart
 _SHOWN_DUPLICATES = 3
+
+_pil_limit_lock = threading.Lock()
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -195,6 +199,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def without_pil_pixel_limit() -> Iterator[None]:
+    """Lifts PIL's decompression-bomb limit for the block (one block at a time), so that
+    images of any size open, as DALI (the loaders' and `verify`'s decoder) opens them."""
+    from PIL import Image
+
+    with _pil_limit_lock:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def open_rgb_image(path: str) -> Any:
     """Decodes an image file to an RGB PIL image, without applying its EXIF orientation.
 
@@ -206,15 +224,11 @@ def open_rgb_image(path: str) -> Any:
     """
     from PIL import Image
 
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as image:
+        with without_pil_pixel_limit(), Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read the image ({e})") from e
     except MemoryError as e:
         raise ValueError(f"{path}: cannot read the image (too large to decode in the memory "
                          f"available)") from e
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit

@@ -7,17 +7,15 @@ image headers, a few kilobytes per file, in parallel.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
-import threading
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from dali_relabel._utils import cpu_share
+from dali_relabel._utils import cpu_share, without_pil_pixel_limit
 
 __all__ = ["IMAGE_EXTENSIONS", "check_image_files", "find_images", "read_image_sizes"]
 
@@ -30,7 +28,6 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _THREADS_PER_CPU = 4
 _MAX_THREADS = 32
 _CHUNK = 256
-_pil_limit_lock = threading.Lock()
 
 
 def find_images(image_root: str) -> tuple[list[str], list[str]]:
@@ -103,18 +100,6 @@ def check_image_files(image_root: str, paths: Sequence[str], source: str) -> Non
             "Pass exclude= to train without them.")
 
 
-@contextlib.contextmanager
-def _without_pil_pixel_limit() -> Iterator[None]:
-    """Only headers are read, so PIL's decompression-bomb limit (which DALI does not have)
-    must not refuse large images."""
-    with _pil_limit_lock:
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
-
-
 def _header_size(path: str, adjust_orientation: bool) -> tuple[int, int] | str:
     """(height, width) as a decoder sees the image, or why the header cannot be read."""
     try:
@@ -156,7 +141,7 @@ def read_image_sizes(image_root: str, paths: Sequence[str], *,
         return [_header_size(os.path.join(image_root, path), adjust_orientation)
                 for path in paths[start:start + _CHUNK]]
 
-    with _without_pil_pixel_limit(), concurrent.futures.ThreadPoolExecutor(threads) as pool, \
+    with without_pil_pixel_limit(), concurrent.futures.ThreadPoolExecutor(threads) as pool, \
             tqdm(total=len(paths), unit="img", desc="reading image sizes",
                  disable=None if progress else True) as bar:
         for start, results in zip(starts, pool.map(read_chunk, starts)):
