@@ -243,6 +243,10 @@ class ReLabelLoader:
             on the device beside the targets (default: False).
     """
 
+    # DataLoader's attribute; None as batching is the loader's own. Scripts that call
+    # loader.batch_sampler.set_epoch when it has one (timm's train.py) then use loader.sampler.
+    batch_sampler = None
+
     def __init__(
         self,
         image_root: str,

@@ -61,6 +61,8 @@ class ValLoader:
         exclude: Relative paths (or a list file) to leave out.
     """
 
+    batch_sampler = None  # as ReLabelLoader's: no DataLoader batch sampler
+
     def __init__(
         self,
         image_root: str,
