@@ -28,8 +28,8 @@ from nvidia.dali.auto_aug.core import select
 from dali_relabel._loading import to_device
 
 __all__ = ["AutoAugmentPolicy", "Augmentations", "GraphFeed", "LIGHTING_EIGVAL",
-           "LIGHTING_EIGVEC", "RE_MODES", "parse_auto_augment", "parse_color_jitter",
-           "random_erase"]
+           "LIGHTING_EIGVEC", "RE_MODES", "check_ra_magnitude", "parse_auto_augment",
+           "parse_color_jitter", "random_erase"]
 
 logger = logging.getLogger(__name__)
 
@@ -263,31 +263,65 @@ _TIMM_OPS: dict[str, tuple[str, bool, Optional[Callable[[np.ndarray], np.ndarray
     "TranslateXRel": ("translate_x", True, _level(0.45)),  # timm's translate_pct
     "TranslateYRel": ("translate_y", True, _level(0.45)),
 }
-_TRIVIAL_BINS = 31
-_BINS = np.linspace(0.0, 1.0, _TRIVIAL_BINS)
-# torchvision's TrivialAugmentWide: name -> (DALI kind, randomly negated, magnitude of each of
-# the 31 bins -> the operation's parameter, or None).
-_TRIVIAL_OPS: dict[str, tuple[str, bool, Optional[np.ndarray]]] = {
-    "Identity": ("identity", False, None),
-    "ShearX": ("shear_x", True, 0.99 * _BINS),
-    "ShearY": ("shear_y", True, 0.99 * _BINS),
-    "TranslateX": ("translate_x_px", True, 32.0 * _BINS),
-    "TranslateY": ("translate_y_px", True, 32.0 * _BINS),
-    "Rotate": ("rotate", True, 135.0 * _BINS),
-    "Brightness": ("brightness", True, 0.99 * _BINS),
-    "Color": ("color", True, 0.99 * _BINS),
-    "Contrast": ("contrast", True, 0.99 * _BINS),
-    "Sharpness": ("sharpness", True, 0.99 * _BINS),
-    "Posterize": ("posterize", False,
-                  _bits_mask(8 - np.round(np.arange(_TRIVIAL_BINS) / ((_TRIVIAL_BINS - 1) / 6)))),
-    "Solarize": ("solarize", False, np.linspace(255.0, 0.0, _TRIVIAL_BINS)),
-    "AutoContrast": ("auto_contrast", False, None),
-    "Equalize": ("equalize", False, None),
+# torchvision's policies (torchvision.transforms.autoaugment): operation name -> (DALI kind,
+# magnitude randomly negated). RandAugment's and TrivialAugmentWide's operations; AutoAugment
+# has Invert instead of Identity.
+_TV_OPS: dict[str, tuple[str, bool]] = {
+    "Identity": ("identity", False),
+    "ShearX": ("shear_x", True),
+    "ShearY": ("shear_y", True),
+    "TranslateX": ("translate_x_px", True),
+    "TranslateY": ("translate_y_px", True),
+    "Rotate": ("rotate", True),
+    "Brightness": ("brightness", True),
+    "Color": ("color", True),
+    "Contrast": ("contrast", True),
+    "Sharpness": ("sharpness", True),
+    "Posterize": ("posterize", False),
+    "Solarize": ("solarize", False),
+    "AutoContrast": ("auto_contrast", False),
+    "Equalize": ("equalize", False),
+    "Invert": ("invert", False),
 }
-_TRIVIAL_ENHANCE = ("Brightness", "Color", "Contrast", "Sharpness")  # factor 1 + magnitude
+_TV_RAND_NAMES = tuple(name for name in _TV_OPS if name != "Invert")
+_TV_ENHANCE = ("Brightness", "Color", "Contrast", "Sharpness")  # factor 1 + magnitude
+_TV_BINS = 31  # num_magnitude_bins of RandAugment and TrivialAugmentWide
+_TV_AUTO_BINS = 10  # AutoAugment's magnitude bins
+_TV_AUTO_POLICIES = ("imagenet", "cifar10", "svhn")  # torchvision's AutoAugmentPolicy values
+_TRIVIAL_NAMES = ("ta_wide", "trivialaugment")
+
+
+def _tv_magnitudes(num_bins: int, size: int, wide: bool) -> dict[str, np.ndarray]:
+    """torchvision's _augmentation_space on size x size images: each operation's magnitude
+    per bin, computed as torchvision does (float32 torch.linspace, rounded posterize bits);
+    `wide`: TrivialAugmentWide's ranges, else RandAugment's and AutoAugment's."""
+    def bins(end: float) -> np.ndarray:
+        return torch.linspace(0.0, end, num_bins).double().numpy()
+
+    warp, enhance = (0.99, 0.99) if wide else (0.3, 0.9)
+    translate = 32.0 if wide else 150.0 / 331.0 * size
+    bits = 8 - (torch.arange(num_bins) / ((num_bins - 1) / (6 if wide else 4))).round().int()
+    return {"ShearX": bins(warp), "ShearY": bins(warp), "TranslateX": bins(translate),
+            "TranslateY": bins(translate), "Rotate": bins(135.0 if wide else 30.0),
+            **{name: bins(enhance) for name in _TV_ENHANCE},
+            "Posterize": bits.double().numpy(),
+            "Solarize": torch.linspace(255.0, 0.0, num_bins).double().numpy()}
+
+
+def _tv_params(name: str, magnitude: np.ndarray) -> np.ndarray:
+    """torchvision's _apply_op arguments of (signed) magnitudes, as the DALI operations take
+    them: enhance factors 1 + m, whole-pixel translations int(m), posterize masks."""
+    if name in _TV_ENHANCE:
+        return 1.0 + magnitude
+    if name in ("TranslateX", "TranslateY"):
+        return np.trunc(magnitude)
+    if name == "Posterize":
+        return _bits_mask(magnitude)
+    return magnitude
+
+
 _RAND_KEYS = {"m": int, "n": int, "p": float, "mstd": float, "mmax": int, "inc": int}
 _AA_POLICIES = ("original", "originalr", "v0", "v0r")
-_TRIVIAL_NAMES = ("ta_wide", "trivialaugment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,14 +339,18 @@ class AutoAugmentPolicy:
     Attributes:
         config: The string it was parsed from.
         kind: "rand" (RandAugment), "auto" (AutoAugment) or "trivial" (TrivialAugmentWide).
-        names: The operation names (timm's, or torchvision's for "trivial").
+        names: The operation names (timm's, or torchvision's).
         layers: Operations applied per image, one after the other.
         sub_policies: AutoAugment's sub-policies; RandAugment's one list of operations (with
             its probability and magnitude); empty for "trivial".
         weights: RandAugment's choice weights (drawn without replacement, as timm), or None
             (uniform, with replacement).
         magnitude_std: Standard deviation of the magnitude noise; inf: uniform in [0, m].
-        magnitude_max: Upper clip of the magnitude (timm's mmax, default 10).
+        magnitude_max: Upper clip of the magnitude (timm's mmax, default 10); for
+            torchvision's policies the last magnitude bin (30 of 31; AutoAugment: 9 of 10).
+        library: "timm" (timm's operations, magnitude m out of 10 through timm's level
+            functions, mean-grey fill) or "torchvision" (torchvision's operations, magnitude
+            a bin of its augmentation space, black fill).
     """
 
     config: str
@@ -323,14 +361,19 @@ class AutoAugmentPolicy:
     weights: Optional[tuple[float, ...]]
     magnitude_std: float
     magnitude_max: float
-
-    def _table(self) -> dict:
-        return _TRIVIAL_OPS if self.kind == "trivial" else _TIMM_OPS
+    library: str = "timm"
 
     def kinds(self) -> list[str]:
         """The DALI operation of each name, then "identity" for a skipped operation."""
-        table = self._table()
+        table = _TV_OPS if self.library == "torchvision" else _TIMM_OPS
         return [table[name][0] for name in self.names] + ["identity"]
+
+    def fill_value(self, mean: Sequence[float]) -> int:
+        """The warps' fill (one value for all channels: DALI's warp takes a scalar):
+        torchvision's black (its fill=None), else timm's grey, the mean of `mean`."""
+        if self.library == "torchvision":
+            return 0
+        return int(round(min(255.0, max(0.0, sum(mean) / len(mean)))))
 
     def _magnitudes(self, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """timm's AugmentOp: magnitude noise, then the clip to [0, magnitude_max]."""
@@ -340,44 +383,49 @@ class AutoAugmentPolicy:
             mean = rng.normal(mean, self.magnitude_std)
         return np.clip(mean, 0.0, self.magnitude_max)
 
-    def plan(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def plan(self, n: int, rng: np.random.Generator, image_size: int) -> dict[str, np.ndarray]:
         """Per sample and layer: the operation (int32 index into kinds(); a skipped one is
-        the identity) and its parameter (float32, sign and magnitude noise included)."""
+        the identity) and its parameter (float32, sign and magnitude noise included), for
+        image_size x image_size images (torchvision's translations scale with the side)."""
         negative = rng.random((n, self.layers)) < 0.5
         if self.kind == "trivial":  # one operation, magnitude bin and sign per image
-            ops = rng.integers(0, len(self.names), size=(n, 1))
-            bins = rng.integers(0, _TRIVIAL_BINS, size=(n, 1))
-            params = np.zeros((n, 1))
-            for k, name in enumerate(self.names):
-                _, signed, magnitudes = _TRIVIAL_OPS[name]
-                mask = ops == k
-                if magnitudes is not None:
-                    value = magnitudes[bins[mask]]
-                    value = np.where(negative[mask], -value, value) if signed else value
-                    params[mask] = 1.0 + value if name in _TRIVIAL_ENHANCE else value
-            return dict(aug_ops=ops.astype(np.int32), aug_params=params.astype(np.float32))
-        if self.kind == "rand":
-            (table,) = self.sub_policies
-            if self.weights is None:  # timm: np.random.choice with replacement
-                chosen = rng.integers(0, len(table), size=(n, self.layers))
-            else:  # without replacement, by weight: the Gumbel top-k draws the same way
-                keys = np.log(self.weights) + rng.gumbel(size=(n, len(table)))
-                chosen = np.argsort(-keys, axis=1)[:, :self.layers]
-        else:  # a uniform sub-policy, its operations in order
-            assert len({len(sub) for sub in self.sub_policies}) == 1, self.config
-            table = tuple(op for sub in self.sub_policies for op in sub)
-            chosen = (self.layers * rng.integers(0, len(self.sub_policies), size=n))[:, None]
-            chosen = chosen + np.arange(self.layers)
-        index = np.array([self.names.index(op.name) for op in table])[chosen]
-        applied = rng.random((n, self.layers)) < np.array([op.prob for op in table])[chosen]
-        levels = self._magnitudes(np.array([op.magnitude for op in table])[chosen], rng)
+            index = rng.integers(0, len(self.names), size=(n, 1))
+            levels = rng.integers(0, int(self.magnitude_max) + 1, size=(n, 1))
+            applied = np.ones((n, 1), bool)
+        else:
+            if self.kind == "rand":
+                (table,) = self.sub_policies
+                if self.weights is None:  # timm: np.random.choice with replacement
+                    chosen = rng.integers(0, len(table), size=(n, self.layers))
+                else:  # without replacement, by weight: the Gumbel top-k draws the same way
+                    keys = np.log(self.weights) + rng.gumbel(size=(n, len(table)))
+                    chosen = np.argsort(-keys, axis=1)[:, :self.layers]
+            else:  # a uniform sub-policy, its operations in order
+                assert len({len(sub) for sub in self.sub_policies}) == 1, self.config
+                table = tuple(op for sub in self.sub_policies for op in sub)
+                chosen = (self.layers * rng.integers(0, len(self.sub_policies), size=n))[:, None]
+                chosen = chosen + np.arange(self.layers)
+            index = np.array([self.names.index(op.name) for op in table])[chosen]
+            applied = rng.random((n, self.layers)) < np.array([op.prob for op in table])[chosen]
+            levels = self._magnitudes(np.array([op.magnitude for op in table])[chosen], rng)
         params = np.zeros((n, self.layers))
-        for k, name in enumerate(self.names):
-            _, signed, to_param = _TIMM_OPS[name]
-            mask = index == k
-            if to_param is not None:
-                params[mask] = to_param(np.where(negative[mask], -levels[mask], levels[mask])
-                                        if signed else levels[mask])
+        if self.library == "torchvision":
+            magnitudes = _tv_magnitudes(int(self.magnitude_max) + 1, image_size,
+                                        wide=self.kind == "trivial")
+            for k, name in enumerate(self.names):
+                mask = index == k
+                if name in magnitudes:
+                    value = magnitudes[name][levels[mask].astype(np.int64)]
+                    signed = _TV_OPS[name][1]
+                    params[mask] = _tv_params(
+                        name, np.where(negative[mask], -value, value) if signed else value)
+        else:
+            for k, name in enumerate(self.names):
+                _, signed, to_param = _TIMM_OPS[name]
+                mask = index == k
+                if to_param is not None:
+                    params[mask] = to_param(np.where(negative[mask], -levels[mask],
+                                                     levels[mask]) if signed else levels[mask])
         ops = np.where(applied, index, len(self.names))
         return dict(aug_ops=ops.astype(np.int32), aug_params=params.astype(np.float32))
 
@@ -454,23 +502,84 @@ def _parse_auto(config: str, name: str, sections: list[str]) -> AutoAugmentPolic
                              weights=None, magnitude_std=mstd, magnitude_max=_LEVEL_DENOM)
 
 
-def parse_auto_augment(config: str) -> AutoAugmentPolicy:
-    """timm's auto_augment string as a policy.
+def _parse_torchvision(config: str, name: str, ra_magnitude: int) -> AutoAugmentPolicy:
+    """torchvision's --auto-augment policies (its presets.py): RandAugment with num_ops=2,
+    magnitude=ra_magnitude of 31 bins; TrivialAugmentWide; AutoAugment by AutoAugmentPolicy."""
+    last_bin = float(_TV_BINS - 1)
+    if name == "ra":
+        ops = tuple(_PolicyOp(op, 1.0, float(ra_magnitude)) for op in _TV_RAND_NAMES)
+        return AutoAugmentPolicy(config=config, kind="rand", names=_TV_RAND_NAMES, layers=2,
+                                 sub_policies=(ops,), weights=None, magnitude_std=0.0,
+                                 magnitude_max=last_bin, library="torchvision")
+    if name in _TRIVIAL_NAMES:
+        return AutoAugmentPolicy(config=config, kind="trivial", names=_TV_RAND_NAMES, layers=1,
+                                 sub_policies=(), weights=None, magnitude_std=0.0,
+                                 magnitude_max=last_bin, library="torchvision")
+    from torchvision.transforms import autoaugment as tv_aa  # torchvision's policy tables
 
-    "rand-m9-mstd0.5-inc1" style RandAugment (sections m, n, p, mstd, mmax, inc, tweights,
-    as timm's rand_augment_transform), "original", "originalr", "v0", "v0r" AutoAugment
-    (optionally "-mstd0.5"), or "ta_wide" / "trivialaugment" (torchvision's
-    TrivialAugmentWide). Anything else, AugMix included, is refused with a ValueError.
+    table = tv_aa.AutoAugment(tv_aa.AutoAugmentPolicy(name)).policies
+    sub_policies = tuple(tuple(_PolicyOp(op, float(prob), float(bin_ or 0)) for op, prob, bin_
+                               in sub) for sub in table)
+    names = tuple(dict.fromkeys(op.name for sub in sub_policies for op in sub))
+    return AutoAugmentPolicy(config=config, kind="auto", names=names,
+                             layers=len(sub_policies[0]), sub_policies=sub_policies,
+                             weights=None, magnitude_std=0.0,
+                             magnitude_max=float(_TV_AUTO_BINS - 1), library="torchvision")
 
-    Magnitudes stay on timm's scale: m out of 10 (mstd noise and the clip to [0, mmax]
-    included), turned into each operation's argument by timm's level functions on the host
-    (TrivialAugmentWide: torchvision's 31 magnitude bins). The DALI operations receive that
-    argument directly, so DALI's own magnitude bins (num_magnitude_bins=31 in its
-    rand_augment) play no part and no rescaling between the two is needed. Differences to
-    timm's PIL operations: one grey fill for all channels (the mean of `mean`, where timm
-    fills with the per-channel mean), bilinear warps (timm picks bilinear or bicubic at
-    random), and equalize follows OpenCV's formula.
+
+def check_ra_magnitude(ra_magnitude: int) -> None:
+    """ValueError unless ra_magnitude is a magnitude bin of torchvision's RandAugment."""
+    if (isinstance(ra_magnitude, bool) or not isinstance(ra_magnitude, (int, np.integer))
+            or not 0 <= ra_magnitude < _TV_BINS):
+        raise ValueError(f"ra_magnitude must be an int in [0, {_TV_BINS - 1}] (a magnitude bin "
+                         f"of torchvision's RandAugment), got {ra_magnitude!r}")
+
+
+_SUPPORTED = ("timm's 'rand-...' (RandAugment, e.g. 'rand-m9-mstd0.5-inc1'), 'original', "
+              "'originalr', 'v0', 'v0r' (AutoAugment, optionally '-mstd<float>'); "
+              "torchvision's 'ra' (RandAugment), 'ta_wide' or 'trivialaugment' "
+              "(TrivialAugmentWide), 'imagenet', 'cifar10', 'svhn' (AutoAugment)")
+
+
+def parse_auto_augment(config: str, ra_magnitude: int = 9) -> AutoAugmentPolicy:
+    """timm's or torchvision's auto_augment string as a policy.
+
+    timm's (its --aa): "rand-m9-mstd0.5-inc1" style RandAugment (sections m, n, p, mstd,
+    mmax, inc, tweights, as timm's rand_augment_transform), "original", "originalr", "v0",
+    "v0r" AutoAugment (optionally "-mstd0.5"). torchvision's (its --auto-augment, as its
+    presets.py builds them): "ra" (RandAugment(num_ops=2, magnitude=ra_magnitude,
+    num_magnitude_bins=31)), "ta_wide" / "trivialaugment" (TrivialAugmentWide), "imagenet",
+    "cifar10", "svhn" (AutoAugment with that AutoAugmentPolicy). Anything else, timm's and
+    torchvision's AugMix included, is refused with a ValueError.
+
+    Every draw is planned on the host and each operation's argument computed there, from
+    the library's own definitions: timm's magnitude m out of 10 (mstd noise and the clip to
+    [0, mmax] included) through timm's level functions; torchvision's magnitude bins as its
+    _augmentation_space computes them (RandAugment's bin ra_magnitude of 31, AutoAugment's
+    bins of 10, TrivialAugmentWide's random bin of 31; translations whole pixels, as its
+    int()). The DALI operations (nvidia.dali.auto_aug.augmentations) receive that argument
+    directly. DALI's own policies are not used: they draw inside the graph (a resumed epoch
+    could not repeat them); its rand_augment (n, m, num_magnitude_bins=31) has torchvision's
+    14 operations, but translations up to 100 pixels or 100/224 of the side (torchvision:
+    150/331 of the side, 101.5 pixels at 224), solarize thresholds from 256 (torchvision:
+    255) down to 0 and a grey fill (128; torchvision: black); its auto_augment_image_net is
+    the TensorFlow/EfficientNet policy timm calls "v0" (with SolarizeAdd and ShearY), not
+    torchvision's "imagenet" (the AutoAugment paper's table, with Posterize, Rotate and
+    signed Color).
+
+    Differences to the libraries' PIL operations: bilinear warps (timm picks bilinear or
+    bicubic at random; torchvision's script passes --interpolation, bilinear by default),
+    equalize follows OpenCV's formula, colour is DALI's saturation and contrast blends with a
+    float mean grey (PIL's is rounded), and timm's fill is one grey for all channels (the
+    mean of `mean`, where timm fills with the per-channel mean); torchvision's is black, as
+    its default fill=None.
+
+    Args:
+        config: The policy string.
+        ra_magnitude: torchvision's --ra-magnitude, the magnitude bin of "ra" in [0, 30]
+            (default: 9); checked always, used by "ra" only, as torchvision's presets.py.
     """
+    check_ra_magnitude(ra_magnitude)
     if not isinstance(config, str) or not config:
         raise ValueError(f"auto_augment must be a policy string such as 'rand-m9-mstd0.5-inc1',"
                          f" got {config!r}")
@@ -479,15 +588,12 @@ def parse_auto_augment(config: str) -> AutoAugmentPolicy:
         return _parse_rand(config, sections)
     if name in _AA_POLICIES:
         return _parse_auto(config, name, sections)
-    if name in _TRIVIAL_NAMES and not sections:
-        return AutoAugmentPolicy(config=config, kind="trivial", names=tuple(_TRIVIAL_OPS),
-                                 layers=1, sub_policies=(), weights=None, magnitude_std=0.0,
-                                 magnitude_max=_LEVEL_DENOM)
+    if not sections and (name == "ra" or name in _TRIVIAL_NAMES or name in _TV_AUTO_POLICIES):
+        return _parse_torchvision(config, name, int(ra_magnitude))
     if name == "augmix":
         raise ValueError(f"auto_augment={config!r}: AugMix is not supported (it blends several "
-                         "augmented copies of each image)")
-    raise ValueError(f"auto_augment={config!r}: unknown policy; expected 'rand-...', one of "
-                     f"{_AA_POLICIES} or one of {_TRIVIAL_NAMES}")
+                         f"augmented copies of each image); supported: {_SUPPORTED}")
+    raise ValueError(f"auto_augment={config!r}: unknown policy; supported: {_SUPPORTED}")
 
 
 def _auto_augment(images, ops, params, policy: AutoAugmentPolicy, image_size: int,
@@ -527,11 +633,14 @@ class Augmentations:
     @classmethod
     def create(cls, *, color_jitter, force_color_jitter: bool, lighting: float,
                auto_augment: Optional[str], re_prob: float, re_mode: str,
-               re_count: int) -> Augmentations:
+               re_count: int, ra_magnitude: int = 9) -> Augmentations:
         """Checks the arguments (ValueError naming the bad one) and applies timm's rule that
         a policy replaces colour jitter unless force_color_jitter."""
         ranges = parse_color_jitter(color_jitter)
-        policy = parse_auto_augment(auto_augment) if auto_augment is not None else None
+        check_ra_magnitude(ra_magnitude)
+        policy = None
+        if auto_augment is not None:
+            policy = parse_auto_augment(auto_augment, ra_magnitude=ra_magnitude)
         if policy is not None and ranges is not None and not force_color_jitter:
             logger.info("auto_augment=%r replaces color_jitter, as in timm; "
                         "force_color_jitter=True applies both", auto_augment)
@@ -579,7 +688,7 @@ class Augmentations:
             offset = (np.asarray(LIGHTING_EIGVEC) @ (alpha * LIGHTING_EIGVAL).T).T
             plan["lighting"] = (255.0 * offset).astype(np.float32)  # 0-255 scale
         if self.policy is not None:
-            plan.update(self.policy.plan(n, rng))
+            plan.update(self.policy.plan(n, rng, image_size))
         if self.re_prob > 0:
             plan["erase_boxes"] = _plan_erasing(n, image_size, self.re_prob, self.re_count, rng)
             # The noise seed of a batch is its first sample's.
@@ -592,10 +701,8 @@ class Augmentations:
         since its geometric operations come after the flip in timm): policy, then colour
         jitter. Returns the images and the mean to normalize with (lighting shifts it)."""
         if self.policy is not None:
-            # One fill value for all channels (DALI's warp takes a scalar): the mean grey.
-            fill = int(round(min(255.0, max(0.0, sum(mean) / len(mean)))))
             images = _auto_augment(images, params["aug_ops"], params["aug_params"], self.policy,
-                                   image_size, fill)
+                                   image_size, self.policy.fill_value(mean))
         if self.color_jitter is not None:
             images = _color_jitter(images, params.get("jitter_blend"), params.get("jitter_hue"),
                                    self.color_jitter)

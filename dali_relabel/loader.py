@@ -29,7 +29,8 @@ from dali_relabel.augment import Augmentations, GraphFeed, random_erase
 from dali_relabel.epoch import PlannedDecoder
 from dali_relabel.image_files import (IMAGE_EXTENSIONS, check_image_files, find_images,
                                       read_image_sizes)
-from dali_relabel.mixing import MIXUP_MODES, Mixer, Mixing, mixing_fields
+from dali_relabel.mixing import (MIXUP_MODES, Mixer, Mixing, check_label_smoothing,
+                                 mixing_fields, smooth_targets)
 from dali_relabel.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from dali_relabel.plan import EpochPlan, EpochPlanner
 from dali_relabel.sparse_targets import SparseTargets
@@ -55,7 +56,8 @@ class ReLabelBatch:
     Attributes:
         images (Tensor[B, 3, S, S]): normalized images on the loader's device.
         targets (Tensor[B, C] or Tensor[B, S*S, C]): float32 targets on the device, or
-            SparseTargets with rows [B] or [B, S*S] (``sparse_targets=True``).
+            SparseTargets with rows [B] or [B, S*S] (``sparse_targets=True``); mixed and
+            smoothed (``label_smoothing``) as yielded.
         labels (Tensor[B]): original single labels (-1 if unknown).
         boxes (Tensor[B, 4]): crop boxes (x1, y1, x2, y2), normalized to the image.
         flip (Tensor[B]): bool, whether the crop was mirrored horizontally.
@@ -149,7 +151,8 @@ class ReLabelLoader:
     crop window, so the targets are those of the crop. Per image, in order: crop, flip,
     ``auto_augment``, ``color_jitter``, ``lighting``, normalization (all in the DALI graph,
     on the GPU when there is one); then per batch on the device: mixup/CutMix, then random
-    erasing (the order of timm's GPU prefetcher).
+    erasing (the order of timm's GPU prefetcher). ``label_smoothing`` smooths the targets
+    last, mixed or not, as timm's Mixup does.
 
     Args:
         image_root: Folder the store's /paths are relative to.
@@ -217,11 +220,18 @@ class ReLabelLoader:
             ReLabel recipe (0.1 there): each image gets eigvec @ (alpha * eigval) added
             (AlexNet's ImageNet eigenvalues and eigenvectors, 0-1 scale), alpha ~
             N(0, alphastd) per component (default: 0.0, off).
-        auto_augment: timm's policy string: "rand-m9-mstd0.5-inc1" style RandAugment (m, n,
-            p, mstd, mmax, inc, tweights; timm's operations and magnitude scale, m out of
-            10), AutoAugment "original", "originalr", "v0", "v0r" (optionally "-mstd0.5"),
-            or "ta_wide" / "trivialaugment" (torchvision's TrivialAugmentWide) (default:
-            None, off).
+        auto_augment: A policy by timm's or torchvision's name. timm's --aa:
+            "rand-m9-mstd0.5-inc1" style RandAugment (m, n, p, mstd, mmax, inc, tweights;
+            timm's operations and magnitude scale, m out of 10), AutoAugment "original",
+            "originalr", "v0", "v0r" (optionally "-mstd0.5"). torchvision's --auto-augment:
+            "ra" (RandAugment: 2 operations of torchvision's 14 at bin ra_magnitude of 31),
+            "ta_wide" / "trivialaugment" (TrivialAugmentWide), "imagenet", "cifar10", "svhn"
+            (AutoAugment's policies). AugMix is refused. DALI runs the operations with
+            arguments computed as the library does; bilinear warps, OpenCV's equalize, and
+            fill: timm's mean grey, torchvision's black (see
+            ``dali_relabel.augment.parse_auto_augment``) (default: None, off).
+        ra_magnitude: torchvision's --ra-magnitude: the magnitude bin (of 31) of
+            auto_augment="ra"; an int in [0, 30] (default: 9).
         re_prob: Random erasing probability per image, as timm's RandomErasing on the
             normalized image (default: 0.0, off).
         re_mode: Erased pixels: "const" (zeros), "rand" (a normal colour per rectangle) or
@@ -238,6 +248,10 @@ class ReLabelLoader:
         mixup_switch_prob: Probability of CutMix instead of mixup when both are on
             (default: 0.5).
         mixup_mode: "batch" (one draw per batch), "pair" or "elem" (default: "batch").
+        label_smoothing: eps in [0, 1): targets become (1 - eps) * t + eps / C after mixing,
+            mixed or not (also when mixup_enabled is switched off), for every label mode
+            and for SparseTargets (exact: the fill is smoothed too); timm's --smoothing,
+            which its Mixup applies and its loss then leaves out (default: 0.0, off).
         return_meta: Yield ReLabelBatch objects (default: False).
         return_labels: Yield (images, targets, labels), the original labels (-1 if unknown)
             on the device beside the targets (default: False).
@@ -283,6 +297,7 @@ class ReLabelLoader:
         force_color_jitter: bool = False,
         lighting: float = 0.0,
         auto_augment: Optional[str] = None,
+        ra_magnitude: int = 9,
         re_prob: float = 0.0,
         re_mode: str = "const",
         re_count: int = 1,
@@ -292,6 +307,7 @@ class ReLabelLoader:
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
         mixup_mode: str = "batch",
+        label_smoothing: float = 0.0,
         return_meta: bool = False,
         return_labels: bool = False,
     ) -> None:
@@ -304,11 +320,12 @@ class ReLabelLoader:
         self.augment = Augmentations.create(
             color_jitter=color_jitter, force_color_jitter=force_color_jitter,
             lighting=lighting, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode,
-            re_count=re_count)
+            re_count=re_count, ra_magnitude=ra_magnitude)
         self.mixing = Mixing.create(
             mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax,
             mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob, mixup_mode=mixup_mode,
             image_size=image_size)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         if sparse_targets and self.mixing.enabled:
             raise ValueError("sparse_targets=True cannot be mixed yet (mixup_alpha, "
                              "cutmix_alpha): mixing blends dense targets")
@@ -452,6 +469,7 @@ class ReLabelLoader:
         mixed = self._mixer is not None and self.mixup_enabled
         if mixed:
             images, targets = self._mixer(images, targets, boxes, flips, rows, extras)
+        targets = smooth_targets(targets, self.label_smoothing)
         if self.augment.re_prob > 0:
             images = random_erase(images, extras["erase_boxes"], self.augment.re_mode,
                                   int(extras["erase_seed"][0]))

@@ -16,23 +16,26 @@ remainder's target is their softmax (or one-hot argmax). The two parts are weigh
 Token targets (S > 1) do this per token: a token's bin is a crop of its own, a token outside
 the rectangle keeps its target, one inside it takes the partner's, and one the rectangle's
 edge crosses is mixed as above. Label modes without localization mix by area, as timm does.
+
+Label smoothing (``smooth_targets``, timm's Mixup's ``label_smoothing``) comes after mixing.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from dali_relabel._loading import to_device
 from dali_relabel.ops import label_pooling
+from dali_relabel.sparse_targets import SparseTargets
 from dali_relabel.targets import TargetMaker
 
-__all__ = ["MIXUP_MODES", "Mixer", "Mixing", "crop_to_image", "localized_cutmix_targets",
-           "mixing_fields"]
+__all__ = ["MIXUP_MODES", "Mixer", "Mixing", "check_label_smoothing", "crop_to_image",
+           "localized_cutmix_targets", "mixing_fields", "smooth_targets"]
 
 MIXUP_MODES = ("batch", "pair", "elem")
 
@@ -147,6 +150,42 @@ class Mixing:
         area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
         lam = np.where(cut, 1.0 - area / float(size * size), lam)
         return lam, cut, box
+
+
+def check_label_smoothing(smoothing: float) -> float:
+    """ValueError unless 0 <= smoothing < 1 (a float, as timm's --smoothing)."""
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
+            0.0 <= smoothing < 1.0):
+        raise ValueError(f"label_smoothing must be a float in [0, 1), got {smoothing!r}")
+    return float(smoothing)
+
+
+def smooth_targets(targets: Union[torch.Tensor, SparseTargets],
+                   smoothing: float) -> Union[torch.Tensor, SparseTargets]:
+    """Label smoothing of soft targets: ``(1 - smoothing) * t + smoothing / C`` per row.
+
+    timm's Mixup (``mixup_target(..., smoothing)``) smooths each one-hot (off value
+    smoothing / C, on value 1 - smoothing + smoothing / C) and then mixes; the map is linear
+    and mixing weights sum to 1, so smoothing the mixed targets gives the same targets, for
+    soft ones as for one-hots. SparseTargets stay sparse and exact: every unlisted class
+    has the fill, which is smoothed like the listed probabilities.
+
+    Args:
+        targets (Tensor[*R, C] or SparseTargets with rows R): targets whose rows sum to 1.
+        smoothing: In [0, 1); 0 returns `targets` itself.
+
+    Returns:
+        The smoothed targets, in the form they came in.
+    """
+    if smoothing == 0:
+        return targets
+    if isinstance(targets, SparseTargets):
+        off = smoothing / targets.num_classes
+        listed = targets.classes >= 0  # unused slots keep probability 0
+        probs = torch.where(listed, targets.probs * (1.0 - smoothing) + off, 0.0)
+        return SparseTargets(targets.fill * (1.0 - smoothing) + off, targets.classes, probs,
+                             targets.num_classes)
+    return targets * (1.0 - smoothing) + smoothing / targets.shape[-1]
 
 
 def crop_to_image(boxes: torch.Tensor, flip: torch.Tensor, rects: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The loader's augmentations against torchvision's and timm's: colour jitter, PCA lighting,
 auto-augment policies (real CPU DALI graphs) and random erasing."""
+import collections
 import math
 import random
 
@@ -207,7 +208,10 @@ def test_auto_augment_policies_are_timms(config):
     pytest.param("rand-t3a", "transform set '3a' is not supported", id="3a-set"),
     pytest.param("rand-n0", "n must be >= 1", id="no-layers"),
     pytest.param("augmix-m5-w4-d2", "AugMix is not supported", id="augmix"),
+    pytest.param("augmix", "supported: timm's 'rand-...'", id="torchvision-augmix"),
     pytest.param("3a", "unknown policy", id="3a-policy"),
+    pytest.param("ra-m9", "unknown policy", id="ra-with-sections"),
+    pytest.param("imagenet-mstd0.5", "unknown policy", id="imagenet-with-sections"),
     pytest.param("original-x2", "unknown section 'x2'", id="aa-section"),
     pytest.param("ta_wide-m3", "unknown policy", id="ta-with-sections"),
     pytest.param("", "auto_augment must be a policy string", id="empty"),
@@ -291,7 +295,7 @@ def test_policy_operations_act_as_timms():
 def test_policy_plans_follow_timm_and_torchvision():
     rng = np.random.default_rng(8)
     rand = parse_auto_augment("rand-m9-n2-mstd0.5-inc1")
-    plan = rand.plan(20000, rng)
+    plan = rand.plan(20000, rng, 224)
     ops, params = plan["aug_ops"], plan["aug_params"]
     identity = len(rand.names)
     assert ops.shape == (20000, 2) and abs((ops == identity).mean() - 0.5) < 0.01  # p = 0.5
@@ -301,16 +305,188 @@ def test_policy_plans_follow_timm_and_torchvision():
     assert 24 < np.abs(rotations).std() * 100 / 1.5 < 110
     counts = np.bincount(ops[ops < identity], minlength=identity)
     assert counts.min() > 0.8 * counts.mean()  # uniform, with replacement
-    auto = parse_auto_augment("original").plan(5000, rng)
+    auto = parse_auto_augment("original").plan(5000, rng, 224)
     assert auto["aug_ops"].shape == (5000, 2)
     trivial = parse_auto_augment("ta_wide")
-    plan = trivial.plan(20000, rng)
+    plan = trivial.plan(20000, rng, 224)
     assert plan["aug_ops"].max() == len(trivial.names) - 1
     rotations = plan["aug_params"][plan["aug_ops"] == trivial.names.index("Rotate")]
     assert np.abs(rotations).max() <= 135 and abs(np.abs(rotations).mean() - 67.5) < 3
 
 
-@pytest.mark.parametrize("config", ["rand-m9-mstd0.5-inc1", "original", "ta_wide"])
+# torchvision's policies: "ra", "ta_wide", "imagenet" (and "cifar10", "svhn")
+
+TV_CLASSES = {"ra": ("RandAugment", 31, False), "ta_wide": ("TrivialAugmentWide", 31, True),
+              "imagenet": ("AutoAugment", 10, False)}
+
+
+def torchvision_transform(config, magnitude=9):
+    from torchvision.transforms import autoaugment as tv_aa
+    if config == "ra":
+        return tv_aa.RandAugment(magnitude=magnitude)
+    if config == "ta_wide":
+        return tv_aa.TrivialAugmentWide()
+    return tv_aa.AutoAugment(tv_aa.AutoAugmentPolicy(config))
+
+
+def torchvision_space(config, size):
+    """torchvision's own _augmentation_space of the policy: name -> magnitudes per bin."""
+    _, bins, _ = TV_CLASSES[config]
+    transform = torchvision_transform(config)
+    space = (transform._augmentation_space(bins) if config == "ta_wide"
+             else transform._augmentation_space(bins, (size, size)))
+    return {name: magnitudes for name, (magnitudes, _) in space.items()}
+
+
+@pytest.mark.parametrize("config", ["ra", "ta_wide", "imagenet", "cifar10", "svhn"])
+def test_torchvision_policies_parse_as_torchvisions(config):
+    policy = parse_auto_augment(config)
+    assert policy.library == "torchvision" and policy.magnitude_std == 0
+    if config in ("ra", "ta_wide"):
+        assert policy.names == tuple(torchvision_space(config, 224))  # op set and order
+        assert policy.layers == (2 if config == "ra" else 1)
+        assert policy.magnitude_max == 30
+        if config == "ra":  # num_ops=2, every operation applied at bin `magnitude`
+            (ops,) = parse_auto_augment("ra", ra_magnitude=13).sub_policies
+            assert {(op.prob, op.magnitude) for op in ops} == {(1.0, 13.0)}
+        return
+    theirs = torchvision_transform(config).policies
+    assert policy.kind == "auto" and policy.layers == 2 and policy.magnitude_max == 9
+    assert [[(op.name, op.prob, op.magnitude) for op in sub] for sub in policy.sub_policies] == [
+        [(name, prob, float(bin_ or 0)) for name, prob, bin_ in sub] for sub in theirs]
+    assert set(policy.names) <= set(torchvision_space("imagenet", 224))
+
+
+@pytest.mark.parametrize("config", ["ra", "ta_wide", "imagenet"])
+@pytest.mark.parametrize("size", [64, 224])
+def test_torchvision_magnitudes_are_torchvisions(config, size):
+    _, bins, wide = TV_CLASSES[config]
+    ours = augment._tv_magnitudes(bins, size, wide)
+    theirs = torchvision_space(config, size)
+    for name, magnitudes in theirs.items():
+        if magnitudes.ndim == 0:  # no magnitude
+            assert name not in ours, name
+        else:
+            assert np.array_equal(ours[name], magnitudes.double().numpy()), name
+
+
+def torchvision_draws(config, count, size, monkeypatch, magnitude=9):
+    """(layer, operation, argument) of every operation torchvision's transform applies to
+    `count` images, its _apply_op recorded instead of run; the argument as the DALI
+    operation takes it (augment._tv_params); a skipped AutoAugment operation is None."""
+    from torchvision.transforms import autoaugment as tv_aa
+    calls = []
+    monkeypatch.setattr(tv_aa, "_apply_op", lambda img, name, m, **_: calls.append(
+        (name, m)) or img)
+    transform = torchvision_transform(config, magnitude)
+    image = torch.zeros(3, size, size, dtype=torch.uint8)
+    torch.manual_seed(0)
+    get_params = tv_aa.AutoAugment.get_params
+    draws = []
+    for _ in range(count):
+        calls.clear()
+        if config == "imagenet":  # which of the sub-policy's two operations run
+            policy_id, probs, signs = get_params(len(transform.policies))
+            monkeypatch.setattr(tv_aa.AutoAugment, "get_params",
+                                staticmethod(lambda n: (policy_id, probs, signs)))
+            transform(image)
+            sub = transform.policies[policy_id]
+            applied = iter(calls)
+            calls[:] = [next(applied) if probs[i] <= sub[i][1] else None for i in range(2)]
+        else:
+            transform(image)
+        for layer, call in enumerate(calls):
+            if call is None:
+                draws.append((layer, None, 0.0))
+            else:
+                name, m = call
+                value = float(augment._tv_params(name, np.array([m]))[0])
+                draws.append((layer, name, round(value, 3)))
+    return draws
+
+
+def our_draws(config, count, size, magnitude=9):
+    policy = parse_auto_augment(config, ra_magnitude=magnitude)
+    plan = policy.plan(count, np.random.default_rng(0), size)
+    names = policy.names + (None,)
+    return [(layer, names[op], round(float(param), 3) if names[op] else 0.0)
+            for ops, params in zip(plan["aug_ops"], plan["aug_params"])
+            for layer, (op, param) in enumerate(zip(ops, params))]
+
+
+def total_variation(a, b):
+    """Total variation distance between the empirical distributions of two samples."""
+    count_a, count_b = collections.Counter(a), collections.Counter(b)
+    return 0.5 * sum(abs(count_a[k] / len(a) - count_b[k] / len(b))
+                     for k in set(count_a) | set(count_b))
+
+
+@pytest.mark.parametrize("config, magnitude, size", [
+    ("ra", 9, 224), ("ra", 27, 64), ("imagenet", 9, 224), ("ta_wide", 9, 224)])
+def test_torchvision_policy_draws_follow_torchvision(config, magnitude, size, monkeypatch):
+    """The planned (operation, argument) per layer is distributed as torchvision's own
+    transform draws them (its _apply_op recorded): the same values, the same frequencies."""
+    count = 20000 if config == "ta_wide" else 6000
+    theirs = torchvision_draws(config, count, size, monkeypatch, magnitude)
+    ours = our_draws(config, count, size, magnitude)
+    if config == "ta_wide":  # 14 operations x 31 bins x sign: ~23 draws of each value
+        assert {d[1:] for d in ours} == {d[1:] for d in theirs}  # every value, both ways
+        assert total_variation([d[1] for d in ours], [d[1] for d in theirs]) < 0.03
+        return
+    # Each value appears in both, at the same frequency (sampling noise: about 0.02).
+    assert set(ours) == set(theirs)
+    assert total_variation(ours, theirs) < 0.05
+
+
+def test_torchvision_policies_fill_black_and_timms_grey():
+    mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+    for config in ("ra", "ta_wide", "imagenet"):
+        assert parse_auto_augment(config).fill_value(mean) == 0  # torchvision's fill=None
+    assert parse_auto_augment("rand-m9").fill_value(mean) == 114  # timm's mean grey
+
+
+def test_policy_operations_act_as_torchvisions():
+    """Each operation of torchvision's policies in the DALI graph against torchvision's
+    _apply_op on the same PIL image (bilinear, fill=None: black) at a strong magnitude (bin
+    24 of 31 of RandAugment's space at 40 px): equal to the rounding for the pointwise ones,
+    close for the warps with one of the two signs (the sign is random)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import autoaugment as tv_aa
+    names = tuple(augment._TV_OPS)
+    policy = augment.AutoAugmentPolicy(
+        config="test", kind="rand", names=names, layers=1,
+        sub_policies=(tuple(augment._PolicyOp(n, 1.0, 24.0) for n in names),), weights=None,
+        magnitude_std=0.0, magnitude_max=30.0, library="torchvision")
+    space = augment._tv_magnitudes(31, 40, wide=False)
+    magnitudes = [float(space[n][24]) if n in space else 0.0 for n in names]
+    blocks = (np.random.default_rng(7).random((10, 10, 3)) * 255).astype(np.uint8)
+    image = np.asarray(Image.fromarray(blocks).resize((40, 40), Image.BICUBIC))
+    image = (30 + 0.7 * image).astype(np.uint8)  # short of black and white: autocontrast acts
+    count = len(names)
+    signs = [1.0] * count + [-1.0 if augment._TV_OPS[n][1] else 1.0 for n in names]
+    ops = [np.array([k % count], np.int32) for k in range(2 * count)]
+    params = [augment._tv_params(names[k % count], np.array([sign * magnitudes[k % count]]))
+              .astype(np.float32) for k, sign in enumerate(signs)]
+    out = run_graph(lambda x, o, p: augment._auto_augment(x, o, p, policy, 40, 0),
+                    [image] * (2 * count), ops, params)
+    pil = Image.fromarray(image)
+    for k, name in enumerate(names):
+        want = np.asarray(tv_aa._apply_op(pil, name, magnitudes[k],
+                                          interpolation=InterpolationMode.BILINEAR, fill=None))
+        got = [out[k].astype(np.float32), out[k + count].astype(np.float32)]
+        diff = min(np.abs(g - want)[2:-2, 2:-2].mean() for g in got)
+        if name != "Identity":
+            assert np.abs(got[0] - image).mean() > 1.0, name  # it does something
+        # Measured: 0 for identity, the bit operations and the whole-pixel translations,
+        # <= 0.5 for the enhancements and autocontrast (rounding, DALI's saturation), 1.2 for
+        # the shears (with the other sign: the conventions differ) and 1.4 for the rotation
+        # (interpolation), 4.7 for equalize (OpenCV's formula, PIL's not).
+        tolerance = {"Equalize": 8.0, "Rotate": 1.5, "ShearX": 1.5, "ShearY": 1.5}.get(name, 1.0)
+        assert diff < tolerance, (name, diff)
+
+
+@pytest.mark.parametrize("config", ["rand-m9-mstd0.5-inc1", "original", "ta_wide", "ra",
+                                    "imagenet"])
 def test_loader_auto_augment_changes_pixels_not_targets(dataset, config):
     root, store_path = dataset
     kwargs = dict(device="cpu", image_size=32, seed=6, return_meta=True, num_threads=2)
@@ -405,6 +581,12 @@ def test_loader_random_erasing(dataset):
     pytest.param(dict(re_mode="noise"), "re_mode must be one of", id="re-mode"),
     pytest.param(dict(re_count=0), "re_count must be an int >= 1", id="re-count"),
     pytest.param(dict(auto_augment="rand-foo"), "unknown section 'foo'", id="policy"),
+    pytest.param(dict(auto_augment="ra", ra_magnitude=31), "ra_magnitude must be an int in "
+                 "[0, 30]", id="ra-magnitude-31"),
+    pytest.param(dict(ra_magnitude=-1), "ra_magnitude must be an int in [0, 30]",
+                 id="ra-magnitude-negative"),
+    pytest.param(dict(auto_augment="ra", ra_magnitude=9.0), "ra_magnitude must be an int",
+                 id="ra-magnitude-float"),
 ])
 def test_bad_augmentation_arguments(kwargs, message):
     with pytest.raises(ValueError) as info:

@@ -289,6 +289,12 @@ def test_exclude_and_missing_files(dataset, tmp_path):
                  "looks like the 0-1 scale (timm's, torchvision's): multiply mean and std by "
                  "255", id="mean-std-on-0-1-scale"),
     pytest.param(dict(std=(58.0, 57.0)), "mean and std must have 3 values", id="std-of-2"),
+    pytest.param(dict(label_smoothing=1.0), "label_smoothing must be a float in [0, 1)",
+                 id="label-smoothing-1"),
+    pytest.param(dict(auto_augment="ra", ra_magnitude=31), "ra_magnitude must be an int in "
+                 "[0, 30]", id="ra-magnitude-31"),
+    pytest.param(dict(auto_augment="augmix"), "auto_augment='augmix': AugMix is not supported",
+                 id="augmix"),
 ])
 def test_bad_arguments(dataset, kwargs, message):
     root, store_path = dataset
@@ -523,6 +529,8 @@ def test_dataloader_surface_of_the_training_loader(dataset):
     assert loader.dataset.classes == loader.classes == store.classes
     assert loader.num_classes == len(loader.classes) == NUM_CLASSES
     assert len(loader.sampler) == 12 and len(loader) == 3  # this rank's samples and batches
+    # None, as the loader batches itself: timm's train.py then calls loader.sampler.set_epoch
+    assert loader.batch_sampler is None
     loader.sampler.set_epoch(3)
     assert loader.epoch == 3 and loader.state_dict()["epoch"] == 3
     with pytest.raises(ValueError, match="epoch must be an int >= 0"):
@@ -547,6 +555,7 @@ def test_val_loader_surface_and_timm_crop_pct(dataset):
     val = ValLoader(root, 8, crop_pct=0.8, exclude=["n00000000/img_000.JPEG"], **kwargs)
     assert len(val.dataset) == NUM_IMAGES - 1 and val.dataset.classes == val.classes
     assert val.num_classes == 3 and len(val.sampler) == NUM_IMAGES - 1
+    assert val.batch_sampler is None
     val.sampler.set_epoch(5)  # nothing to reshuffle: accepted and ignored
     # timm's crop_pct: the shorter side becomes floor(32 / 0.8) = 40, as resize_size=40 does.
     by_pct = torch.cat([images for images, _ in val])

@@ -6,9 +6,11 @@ import torch
 from torch.testing import assert_close
 
 from labelmap_data import make_boxes, make_label_maps
-from dali_relabel import LabelMapStore, label_pooling, reference_label_pooling
+from dali_relabel import (LabelMapStore, SparseTargets, label_pooling, reference_label_pooling,
+                          soft_target_cross_entropy)
 from dali_relabel.loader import ReLabelLoader
-from dali_relabel.mixing import Mixing, crop_to_image, localized_cutmix_targets
+from dali_relabel.mixing import (Mixing, crop_to_image, localized_cutmix_targets,
+                                 smooth_targets)
 from jpeg_data import NUM_CLASSES, make_jpeg_dataset
 
 MIX = dict(mixup_alpha=0.0, cutmix_alpha=0.0, cutmix_minmax=None, mixup_prob=1.0,
@@ -246,3 +248,90 @@ def test_sparse_targets_are_not_mixed(dataset):
     root, store_path = dataset
     with pytest.raises(ValueError, match="sparse_targets=True cannot be mixed"):
         ReLabelLoader(root, store_path, 4, device="cpu", sparse_targets=True, cutmix_alpha=1.0)
+
+
+# ---- label smoothing (timm's --smoothing, which its Mixup applies) ---------------------------
+
+def test_label_smoothing_is_timms_mixup(dataset, monkeypatch):
+    """One-hot targets ("original") mixed and smoothed as timm's Mixup does, on the loader's
+    own parameters: its images and targets for mixup per batch, and timm's mixup_target for
+    every batch of per-element mixup and CutMix, unmixed elements included."""
+    from timm.data.mixup import Mixup, mixup_target
+    root, store_path = dataset
+    kwargs = dict(device="cpu", image_size=32, seed=15, return_meta=True, num_threads=2,
+                  label_mode="original")
+    plain = list(ReLabelLoader(root, store_path, 10, **kwargs))
+    mixed = list(ReLabelLoader(root, store_path, 10, mixup_alpha=1.0, label_smoothing=0.1,
+                               **kwargs))
+    for batch, base in zip(mixed, plain, strict=True):
+        lam = float(batch.lam[0])
+        timm_mixup = Mixup(mixup_alpha=1.0, label_smoothing=0.1, num_classes=NUM_CLASSES)
+        monkeypatch.setattr(timm_mixup, "_params_per_batch", lambda: (lam, False))
+        images, targets = timm_mixup(base.images.clone(), base.labels)
+        assert_close(batch.images, images)
+        assert_close(batch.targets, targets, atol=1e-6, rtol=0)
+    elem = list(ReLabelLoader(root, store_path, 10, mixup_alpha=1.0, cutmix_alpha=1.0,
+                              mixup_prob=0.6, mixup_mode="elem", label_smoothing=0.1, **kwargs))
+    lam = torch.cat([batch.lam for batch in elem])
+    assert (lam == 1).any() and torch.cat([batch.cutmix for batch in elem]).any()
+    for batch in elem:
+        want = mixup_target(batch.labels, NUM_CLASSES, lam=batch.lam[:, None], smoothing=0.1)
+        assert_close(batch.targets, want, atol=1e-6, rtol=0)
+
+
+def smoothed(targets, eps=0.1):
+    """The formula in float64: (1 - eps) * t + eps / C."""
+    return (1 - eps) * targets.double() + eps / targets.shape[-1]
+
+
+@pytest.mark.parametrize("label_mode, size", [
+    ("localized_multi", 1), ("localized_multi", 3), ("localized_single", 1),
+    ("global_multi", 2), ("global_single", 1), ("original", 1)])
+def test_label_smoothing_of_unmixed_targets_is_the_formula(dataset, label_mode, size):
+    root, store_path = dataset
+    kwargs = dict(device="cpu", image_size=32, seed=16, num_threads=2, label_mode=label_mode,
+                  output_size=size)
+    plain = [targets for _, targets in ReLabelLoader(root, store_path, 10, **kwargs)]
+    smooth = [targets for _, targets in ReLabelLoader(root, store_path, 10,
+                                                      label_smoothing=0.1, **kwargs)]
+    for want, got in zip(plain, smooth, strict=True):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert_close(got.double(), smoothed(want), atol=1e-7, rtol=0)
+        assert_close(got.sum(-1), torch.ones(got.shape[:-1]))
+
+
+def test_label_smoothing_stays_when_mixing_is_switched_off(dataset):
+    """timm's Mixup smooths with mixup_enabled False too (--mixup-off-epoch)."""
+    root, store_path = dataset
+    kwargs = dict(device="cpu", image_size=32, seed=17, num_threads=2)
+    loader = ReLabelLoader(root, store_path, 10, cutmix_alpha=1.0, label_smoothing=0.2,
+                           **kwargs)
+    loader.mixup_enabled = False
+    _, unmixed = next(iter(loader))
+    _, plain = next(iter(ReLabelLoader(root, store_path, 10, **kwargs)))
+    assert_close(unmixed.double(), smoothed(plain, 0.2), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("label_mode", ["localized_multi", "localized_single", "original"])
+def test_label_smoothing_of_sparse_targets_is_exact(dataset, label_mode):
+    """SparseTargets stay sparse: the fill and the listed probabilities are smoothed alike,
+    so the dense form is the formula's and the sparse loss the dense one's."""
+    root, store_path = dataset
+    kwargs = dict(device="cpu", image_size=32, seed=18, num_threads=2, output_size=3,
+                  sparse_targets=True, label_mode=label_mode)
+    _, plain = next(iter(ReLabelLoader(root, store_path, 10, **kwargs)))
+    _, smooth = next(iter(ReLabelLoader(root, store_path, 10, label_smoothing=0.1, **kwargs)))
+    assert isinstance(smooth, SparseTargets) and torch.equal(smooth.classes, plain.classes)
+    assert_close(smooth.dense().double(), smoothed(plain.dense()), atol=1e-7, rtol=0)
+    assert (smooth.probs[smooth.classes < 0] == 0).all()  # unused slots stay empty
+    logits = torch.randn(smooth.shape, dtype=torch.float64)
+    assert_close(soft_target_cross_entropy(logits, smooth),
+                 soft_target_cross_entropy(logits, smooth.dense()))
+    assert smooth_targets(plain, 0.0) is plain
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, True, "0.1", None])
+def test_bad_label_smoothing_is_refused(dataset, value):
+    root, store_path = dataset
+    with pytest.raises(ValueError, match=r"label_smoothing must be a float in \[0, 1\), got"):
+        ReLabelLoader(root, store_path, 4, device="cpu", label_smoothing=value)
