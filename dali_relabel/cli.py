@@ -167,8 +167,9 @@ def _synthetic(args: argparse.Namespace) -> int:
 
     dataset = make_synthetic_imagenet(
         args.out, num_classes=args.classes, train_per_class=args.train_per_class,
-        val_per_class=args.val_per_class, image_size=(args.height, args.width),
-        topk=min(5, args.classes), seed=args.seed)
+        val_per_class=args.val_per_class, image_size=tuple(args.image_size),
+        topk=min(5, args.classes), seed=args.seed, objects=tuple(args.objects),
+        main_side=tuple(args.main_side), other_side=tuple(args.other_side))
     print(f"train images: {dataset.train_root}\nvalidation images: {dataset.val_root}\n"
           f"label maps: {dataset.labelmaps}\nReaL labels: {dataset.real_labels}")
     return 0
@@ -249,8 +250,22 @@ def _add_synthetic(commands: argparse._SubParsersAction) -> None:
                            help="training images per class (default: 60)")
     synthetic.add_argument("--val-per-class", type=int, default=20,
                            help="validation images per class (default: 20)")
-    synthetic.add_argument("--height", type=int, default=96, help="image height (default: 96)")
-    synthetic.add_argument("--width", type=int, default=160, help="image width (default: 160)")
+    synthetic.add_argument("--image-size", type=int, nargs=2, default=[96, 160],
+                           metavar=("MIN", "MAX"),
+                           help="range of the image width and of its height, each drawn "
+                                "independently, in pixels (default: 96 160)")
+    synthetic.add_argument("--objects", type=int, nargs=2, default=[1, 4],
+                           metavar=("MIN", "MAX"), help="objects per image (default: 1 4)")
+    synthetic.add_argument("--main-side", type=float, nargs=2, default=[0.5, 0.85],
+                           metavar=("MIN", "MAX"),
+                           help="side of the labelled object over the image's shorter side "
+                                "(default: 0.5 0.85)")
+    synthetic.add_argument("--other-side", type=float, nargs=2, default=[0.22, 0.5],
+                           metavar=("MIN", "MAX"),
+                           help="side of the other objects likewise (default: 0.22 0.5); "
+                                "smaller and more objects (e.g. --objects 3 6 --main-side "
+                                "0.3 0.5 --other-side 0.2 0.38) make random crops miss the "
+                                "labelled object more often")
     synthetic.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     synthetic.set_defaults(run=_synthetic)
 

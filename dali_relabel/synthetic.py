@@ -8,8 +8,9 @@ dataset on which that premise holds by construction and the label maps are known
 the loaders, the trainer and the paper's factor analysis run without ImageNet, without an
 annotator and without a GPU.
 
-Scenes: every image holds 1-4 objects of distinct classes at random places and sizes (they may
-overlap; later ones hide earlier ones) on a textured background (smooth low-saturation colour
+Scenes: every image holds 1-4 objects (`objects`) of distinct classes at random places and
+sizes (`main_side` for the labelled one, `other_side` for the others; they may overlap, later
+ones hide earlier ones) on a textured background (smooth low-saturation colour
 blotches plus pixel noise). Width and height are drawn independently from `image_size`, so the
 label map is stretched over the image as an annotator's whole-image 475x475 resize stretches
 it. Files are real JPEGs (PIL, quality 90) in ImageFolder layout.
@@ -104,10 +105,11 @@ COLOURS = {
 }
 TEXTURES = ("plain", "striped", "checked", "dotted", "gridded")
 MAX_CLASSES = math.lcm(len(SHAPES), len(COLOURS), len(TEXTURES))
-MAX_OBJECTS = 4
 MIN_IMAGE_SIDE = 32
 JPEG_QUALITY = 90
-# Object side over the image's shorter side: the labelled (largest) object, then the others.
+# Default scenes: objects per image, and object sides over the image's shorter side for the
+# labelled (largest) object and for the others.
+OBJECTS = (1, 4)
 MAIN_SIDE = (0.5, 0.85)
 OTHER_SIDE = (0.22, 0.5)
 # The labelled object's visible area exceeds every other one's by this factor, and every
@@ -216,6 +218,22 @@ def _check_image_size(image_size: Any) -> tuple[int, int]:
     return int(image_size[0]), int(image_size[1])
 
 
+def _check_pair(name: str, value: Any, kind: type, low: float,
+                high: float | None) -> tuple[Any, Any]:
+    """(min, max) of `kind` with low <= min <= max <= high (low excluded for floats)."""
+    numbers = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
+    if (isinstance(value, Sequence) and len(value) == 2
+            and all(isinstance(v, numbers) and not isinstance(v, bool) for v in value)):
+        first, second = kind(value[0]), kind(value[1])
+        above = first >= low if kind is int else first > low
+        if above and first <= second and (high is None or second <= high):
+            return first, second
+    bounds = f"{low} <= min" if kind is int else f"{low} < min"
+    bounds += " <= max" if high is None else f" <= max <= {high}"
+    raise ValueError(f"{name}: expected ({kind.__name__} min, {kind.__name__} max) with "
+                     f"{bounds}, found {value!r}")
+
+
 def _cell_weights(pixels: int, cells: int) -> np.ndarray:
     """[cells, pixels]: overlap of pixel p (the interval [p, p+1)) with cell c (the interval
     [c, c+1) * pixels/cells), over the cell's length; every row sums to 1."""
@@ -280,18 +298,19 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 
 def _render_scene(rng: np.random.Generator, *, label: int, num_classes: int,
-                  image_size: tuple[int, int], map_size: int) -> _Scene:
+                  image_size: tuple[int, int], map_size: int, objects: tuple[int, int],
+                  main_side: tuple[float, float], other_side: tuple[float, float]) -> _Scene:
     """Draws one scene whose largest visible object has class `label`."""
     width, height = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, size=2))
     short = min(width, height)
     others = rng.permutation(np.delete(np.arange(num_classes), label))
-    num_others = int(rng.integers(0, min(MAX_OBJECTS, num_classes)))
+    num_others = int(rng.integers(objects[0] - 1, objects[1]))
     attempt = 0
     while True:
         count = max(0, num_others - attempt // ATTEMPTS_PER_OBJECT)
         classes = np.concatenate([[label], others[:count]]).astype(np.int64)
-        sides = [round(rng.uniform(*MAIN_SIDE) * short)]
-        sides += [round(rng.uniform(*OTHER_SIDE) * short) for _ in range(count)]
+        sides = [round(rng.uniform(*main_side) * short)]
+        sides += [round(rng.uniform(*other_side) * short) for _ in range(count)]
         lefts = [int(rng.integers(0, width - s + 1)) for s in sides]
         tops = [int(rng.integers(0, height - s + 1)) for s in sides]
         order = rng.permutation(len(classes))  # back to front
@@ -388,7 +407,10 @@ def _build(folder: str, *, params: dict[str, Any], classes: list[str], progress:
             for n, (label, relative) in enumerate(files):
                 rng = np.random.default_rng([params["seed"], _SPLITS[split], label, n])
                 scene = _render_scene(rng, label=label, num_classes=num_classes,
-                                      image_size=image_size, map_size=map_size)
+                                      image_size=image_size, map_size=map_size,
+                                      objects=tuple(params["objects"]),
+                                      main_side=tuple(params["main_side"]),
+                                      other_side=tuple(params["other_side"]))
                 Image.fromarray(scene.pixels).save(os.path.join(folder, split, relative),
                                                    format="JPEG", quality=JPEG_QUALITY)
                 if split == "train":
@@ -448,6 +470,9 @@ def make_synthetic_imagenet(
     map_size: int = 15,
     topk: int = 5,
     seed: int = 0,
+    objects: tuple[int, int] = OBJECTS,
+    main_side: tuple[float, float] = MAIN_SIDE,
+    other_side: tuple[float, float] = OTHER_SIDE,
     progress: bool = True,
 ) -> SyntheticDataset:
     """Builds (or reuses) a synthetic ImageNet in miniature with exact ReLabel label maps.
@@ -478,6 +503,15 @@ def make_synthetic_imagenet(
         topk: K, classes kept per map cell, 1 <= K <= C (default: 5, as the paper's).
         seed: Seed of all randomness, >= 0; the same seed gives byte-identical files
             (default: 0).
+        objects: (min, max) objects per image, of distinct classes, 1 <= min <= max, min <=
+            num_classes (max is capped at num_classes); a scene whose objects cannot
+            all be placed (each at least half visible, the labelled one the largest) after a
+            few draws keeps fewer (default: (1, 4)).
+        main_side: (min, max) side of the labelled object's square box over the image's
+            shorter side, in (0, 1] (default: (0.5, 0.85)).
+        other_side: (min, max) side of the other objects' boxes likewise (default:
+            (0.22, 0.5)). Smaller objects and more of them make a harder data set, on which
+            random crops miss the labelled object more often (`benchmarks/ablation.py`).
         progress: Show a progress bar while generating (only on a terminal) (default: True).
 
     Returns:
@@ -494,10 +528,19 @@ def make_synthetic_imagenet(
     _check_int("map_size", map_size, 1, low)
     _check_int("topk", topk, 1, num_classes)
     _check_int("seed", seed, 0)
+    objects = _check_pair("objects", objects, int, 1, None)
+    if objects[0] > num_classes:
+        raise ValueError(f"objects: expected a min of at most num_classes = {num_classes} "
+                         f"(the objects of an image have distinct classes), found {objects!r}")
+    objects = (objects[0], min(objects[1], num_classes))
+    main_side = _check_pair("main_side", main_side, float, 0.0, 1.0)
+    other_side = _check_pair("other_side", other_side, float, 0.0, 1.0)
     params = dict(generator=GENERATOR, generator_version=GENERATOR_VERSION,
                   num_classes=int(num_classes), train_per_class=int(train_per_class),
                   val_per_class=int(val_per_class), image_size=[low, high],
-                  map_size=int(map_size), topk=int(topk), seed=int(seed))
+                  map_size=int(map_size), topk=int(topk), seed=int(seed),
+                  objects=list(objects), main_side=list(main_side),
+                  other_side=list(other_side))
     if root is None:
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
         root = os.path.join(default_cache_dir(), digest)

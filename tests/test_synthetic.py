@@ -269,6 +269,15 @@ def test_seed_fixes_the_bytes(tmp_path):
     ("topk", 0),
     ("topk", 4),
     ("seed", -1),
+    ("objects", (0, 2)),
+    ("objects", (3, 2)),
+    ("objects", (4, 5)),  # at least 4 objects of distinct classes, with 3 classes
+    ("objects", (1.0, 2.0)),
+    ("main_side", (0.0, 0.5)),
+    ("main_side", (0.6, 0.5)),
+    ("main_side", (0.5, 1.2)),
+    ("other_side", 0.3),
+    ("other_side", (0.2, "0.3")),
 ])
 def test_bad_arguments_name_themselves(tmp_path, argument, value):
     kwargs = {**TINY, argument: value}
@@ -277,11 +286,35 @@ def test_bad_arguments_name_themselves(tmp_path, argument, value):
     assert not os.listdir(tmp_path)
 
 
+def test_scene_parameters_set_the_clutter(tmp_path, store):
+    cluttered = make_synthetic_imagenet(tmp_path / "cluttered", **{
+        **SMALL, "topk": 6, "objects": (3, 5), "main_side": (0.3, 0.4),
+        "other_side": (0.2, 0.28)})
+    with LabelMapStore.open(cluttered.labelmaps, placement="memory") as crowded:
+        maps = dense_maps(crowded)
+        area = maps.sum(axis=(2, 3)) / LOGIT_SCALE / crowded.height / crowded.width
+        labels = crowded.labels.numpy()
+        labelled = area[np.arange(len(labels)), labels]
+        sizes = crowded.sizes.numpy().astype(np.float64)
+    present = (area > 0).sum(axis=1)
+    # At most `objects[1]`; fewer than objects[0] only where the draws could not place them.
+    assert present.max() == 5 and (present >= 3).mean() > 0.8
+    # An object lies in its square box: its share of the image is at most side^2 / (H W).
+    short = sizes.min(axis=1)
+    assert (labelled <= (0.4 * short) ** 2 / sizes.prod(axis=1) * 1.01).all()
+    assert (area.argmax(axis=1) == labels).all()
+    default_area = dense_maps(store).sum(axis=(2, 3))
+    default_labelled = default_area[np.arange(len(store)), store.labels.numpy()] / (
+        LOGIT_SCALE * store.height * store.width)
+    assert labelled.mean() < 0.6 * default_labelled.mean()
+
+
 def test_the_command_makes_a_data_set_the_loaders_take(tmp_path, capsys):
     from dali_relabel.cli import main
     out = tmp_path / "synthetic"
     assert main(["synthetic", "--out", str(out), "--classes", "3", "--train-per-class", "4",
-                 "--val-per-class", "2"]) == 0
+                 "--val-per-class", "2", "--image-size", "48", "64", "--objects", "2", "3",
+                 "--main-side", "0.4", "0.6", "--other-side", "0.2", "0.3"]) == 0
     printed = capsys.readouterr().out
     assert f"label maps: {out / 'train_labelmaps.h5'}" in printed
     store = LabelMapStore.open(out / "train_labelmaps.h5")
@@ -289,6 +322,9 @@ def test_the_command_makes_a_data_set_the_loaders_take(tmp_path, capsys):
     for row, path in enumerate(store.paths):  # the sizes the loader plans crops with
         width, height = Image.open(out / "train" / path).size
         assert store.sizes[row].tolist() == [height, width]
+        assert 48 <= width <= 64 and 48 <= height <= 64
+    real = json.loads((out / "val_real_labels.json").read_text())
+    assert {len(labels) for labels in real} <= {1, 2, 3} and max(map(len, real)) == 3
     images, targets = next(iter(ReLabelLoader(out / "train", store, 4, device="cpu",
                                               image_size=32)))
     assert images.shape == (4, 3, 32, 32) and targets.shape == (4, 3)
