@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-every", type=int, default=20,
                      help="steps between all-reduced progress updates (default: 20)")
     run.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="per-epoch progress bar on rank 0 (default: on)")
     run.add_argument("--device", choices=("cuda", "cpu"),
                      help="device (default: cuda if available)")
     run.add_argument("--dist-backend", help="nccl or gloo (default: nccl on cuda, else gloo)")
@@ -508,7 +510,7 @@ class Trainer:
         steps = len(train)
         done_before = train.state_dict()["batches_done"]
         bar = tqdm(total=steps, initial=done_before, desc=f"epoch {self.epoch}",
-                   disable=not self.dist.main, dynamic_ncols=True)
+                   disable=not (self.dist.main and args.progress), dynamic_ncols=True)
         train.label_pooling_ms()
         pooling_s = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
