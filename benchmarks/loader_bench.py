@@ -32,7 +32,8 @@ The images are ImageNet-like JPEGs made from real photographs that ship with sci
 scikit-learn (random window, short side 300-500 px, mild sensor noise, JPEG quality 88-96),
 generated once into a cache folder with their label maps (one `.pt` file per image for (a), one
 HDF5 store for (c), same values) and reused while the generation parameters match. Every file is
-read once before timing (warm page cache); warm-up batches are not timed; each method runs alone
+read once before timing (warm page cache); warm-up batches (a whole first epoch, then a few)
+are not timed, so every method is timed in its second epoch; each method runs alone
 (the others' workers and threads are shut down). Rounds alternate the methods, so that noise
 of a shared machine hits them alike, and the median round counts. Each timed run first waits
 for the machine to be idle, measures the CPU that processes outside the benchmark take
@@ -825,8 +826,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         help="timed batches per method and round (default: all full batches of "
                              "one epoch after the warm-up)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed batches first; one per DataLoader worker, so no timed "
-                             "batch was prepared during the warm-up (default: max(2, threads))")
+                        help="untimed batches first: one epoch (training runs many, and "
+                             "ReLabelLoader checks every image's size in its first), then one "
+                             "per DataLoader worker, so no timed batch was prepared during the "
+                             "warm-up (default: images // batch-size + max(2, threads))")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds over all methods; the median round counts (default: 3)")
     parser.add_argument("--methods", default=",".join(METHODS),
@@ -862,16 +865,18 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
     if args.threads < 1 or args.batch_size < 1 or args.rounds < 1 or args.retries < 0:
         parser.error("--threads, --batch-size and --rounds must be >= 1, --retries >= 0")
-    args.warmup = max(2, args.threads) if args.warmup is None else args.warmup
     per_epoch = args.images // args.batch_size
-    if args.batches is None:
-        args.batches = per_epoch - args.warmup
+    if args.warmup is None:
+        args.warmup = per_epoch + max(2, args.threads)
+    if args.batches is None:  # the rest of the second epoch
+        args.batches = per_epoch - args.warmup % per_epoch
     if args.batches < 1:
         parser.error(f"--images {args.images} at --batch-size {args.batch_size} leaves no timed "
                      f"batch after {args.warmup} warm-up batches")
-    if args.warmup + args.batches > per_epoch:
-        logger.warning("%d warm-up + %d timed batches exceed one epoch (%d batches): the timing "
-                       "includes epoch restarts", args.warmup, args.batches, per_epoch)
+    if args.warmup % per_epoch + args.batches > per_epoch:
+        logger.warning("%d warm-up + %d timed batches cross the end of an epoch (%d batches): "
+                       "the timing includes an epoch restart", args.warmup, args.batches,
+                       per_epoch)
     torch.set_num_threads(args.threads)
     # Recorded only: the 1-minute average lags; each timed run instead waits for an idle
     # machine and measures the CPU other processes take while it runs (/proc/stat).

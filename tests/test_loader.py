@@ -458,6 +458,26 @@ def test_a_resized_copy_of_the_images_is_named(dataset, tmp_path, factor):
         collect(loader)
 
 
+def test_sizes_are_checked_until_an_epoch_ends(dataset, tmp_path):
+    """The first epoch checks every decoded size; the next runs a graph without the check,
+    and decodes exactly what a loader that never checked decodes."""
+    root, _ = dataset
+    indexed = indexed_copy(dataset, tmp_path)
+    checked = ReLabelLoader(root, indexed, 6, device="cpu", image_size=16, num_threads=1)
+    assert checked._decoder.checking_sizes
+    checked.set_epoch(0)
+    collect(checked)
+    assert not checked._decoder.checking_sizes
+    checked.set_epoch(1)
+    second = collect(checked)
+    unchecked = ReLabelLoader(root, indexed, 6, device="cpu", image_size=16, num_threads=1,
+                              check_sizes=False)
+    assert not unchecked._decoder.checking_sizes
+    unchecked.set_epoch(1)
+    for a, b in zip(second, collect(unchecked), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_a_bad_image_is_named_when_it_fails_to_decode(dataset, tmp_path):
     root, _ = dataset
     indexed = indexed_copy(dataset, tmp_path)
