@@ -3,10 +3,10 @@
 ``PlannedDecoder`` keeps one training graph for the loader's lifetime and feeds it each epoch's
 plan, batch by batch, through an external source (file paths, windows, flips, rows); between
 epochs it only resets the iterator, so no epoch pays for building a pipeline or for refilling
-its prefetch queue from nothing. Until one epoch has run to its end, the graph also reports
-every image's size, checked against the plan's; then it is built once more without that
-output, which cost about 7% of the loader's throughput. When DALI fails, it knows which files
-the batches in flight hold, finds the culprits and names them.
+its prefetch queue from nothing. Until one whole epoch (not a resumed one) has run to its end,
+the graph also reports every image's size, checked against the plan's; then it is built once
+more without that operator and output, which cost throughput. When DALI fails, it knows which
+files the batches in flight hold, finds the culprits and names them.
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ class PlannedDecoder:
         labelmaps: The label-map file's path, for messages.
         paths: The store's /paths (indexed by row).
         sizes (ndarray[N, 2]): The sizes the plans are made with, by row.
-        check_sizes: Compare every decoded image's size with the planned one until an epoch
-            has run to its end (every image of the shard then has been checked once).
+        check_sizes: Compare every decoded image's size with the planned one until a whole
+            epoch has run to its end (every image this rank decoded in it has been checked).
         pipeline_args: The rest of `train_pipeline`'s arguments (batch size, threads, ...).
     """
 
@@ -77,7 +77,7 @@ class PlannedDecoder:
         self._labelmaps = labelmaps
         self._paths = paths
         self._sizes = sizes
-        self._check_sizes = check_sizes  # cleared when an epoch ends with every size checked
+        self._check_sizes = check_sizes  # cleared when a whole epoch ends, every size checked
         self._pipeline_args = pipeline_args
         self._prefetch = pipeline_args.get("prefetch_queue_depth", 2)
         self._feed = _PlanFeed(image_root, paths)
@@ -124,10 +124,12 @@ class PlannedDecoder:
         except RuntimeError as error:
             self._iterator = None
             raise RuntimeError(self._diagnose(plan, batches, error)) from error
-        # A whole epoch decoded at the planned sizes: the files are the ones /sizes describes.
-        # The next epoch builds the graph without the check, which costs throughput.
-        self._reusable = not self._check_sizes
-        self._check_sizes = False
+        if self._check_sizes and not plan.skipped:
+            # A whole epoch decoded at the planned sizes: the files are the ones /sizes
+            # describes. The next epoch builds the graph without the check.
+            self._check_sizes = False
+            return
+        self._reusable = True
 
     def _compare_sizes(self, decoded: np.ndarray, rows: np.ndarray) -> None:
         wrong = np.flatnonzero((decoded != self._sizes[rows]).any(axis=1))

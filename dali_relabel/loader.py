@@ -207,10 +207,10 @@ class ReLabelLoader:
             is on `device`); otherwise the batch's rows are gathered on the host into pinned
             memory and copied.
         check_sizes: Check every decoded image's size against the planned one until the
-            loader has run one epoch to its end, so that a stale /sizes (e.g. a resized copy
-            of the data set) stops with a named file instead of training on wrong windows;
-            later epochs skip the check, which costs about 7% of the throughput
-            (default: True).
+            loader has run one whole epoch (not a resumed one) to its end, so that a stale
+            /sizes (e.g. a resized copy of the data set) stops with a named file instead of
+            training on wrong windows; the check is an extra operator per image, so later
+            epochs run without it (default: True).
         color_jitter: torchvision's ColorJitter: a float x (brightness, contrast and
             saturation factors uniform in [max(0, 1-x), 1+x]) or (b, c, s) or (b, c, s, h),
             each a float or a (min, max) range (hue: h gives [-h, h], h <= 0.5). Applied in

@@ -86,6 +86,7 @@ class EpochPlan:
         flips (ndarray[n]): bool, whether each crop is mirrored.
         boxes (ndarray[n, 4]): float32 crop boxes (x1, y1, x2, y2), normalized to the image.
         batch_size: Samples per batch; the last batch may be shorter.
+        skipped: Batches of the epoch left out at its start (a resumed epoch).
     """
 
     epoch: int
@@ -94,6 +95,7 @@ class EpochPlan:
     flips: np.ndarray
     boxes: np.ndarray
     batch_size: int
+    skipped: int = 0
 
     def __len__(self) -> int:
         """Batches in the plan."""
@@ -108,7 +110,8 @@ class EpochPlan:
         """The plan without its first `batches` batches (what a resumed epoch has left)."""
         start = batches * self.batch_size
         return dataclasses.replace(self, rows=self.rows[start:], windows=self.windows[start:],
-                                   flips=self.flips[start:], boxes=self.boxes[start:])
+                                   flips=self.flips[start:], boxes=self.boxes[start:],
+                                   skipped=self.skipped + batches)
 
 
 class EpochPlanner:

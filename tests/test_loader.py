@@ -476,6 +476,11 @@ def test_sizes_are_checked_until_an_epoch_ends(dataset, tmp_path):
     unchecked.set_epoch(1)
     for a, b in zip(second, collect(unchecked), strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # A resumed epoch decodes only part of its plan: the check stays on for the next one.
+    resumed = ReLabelLoader(root, indexed, 6, device="cpu", image_size=16, num_threads=1)
+    resumed.load_state_dict({**checked.state_dict(), "epoch": 0, "batches_done": 1})
+    collect(resumed)
+    assert resumed._decoder.checking_sizes
 
 
 def test_a_bad_image_is_named_when_it_fails_to_decode(dataset, tmp_path):
