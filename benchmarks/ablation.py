@@ -10,9 +10,10 @@ miss the labelled object, and measures:
   it) holds less than half of the labelled object, or more of another class than of it,
   from the crop windows and the exact object coverage of the label maps;
 - validation top-1 (the largest object) and ReaL-style accuracy (any object in the image);
-- each comparison of the paper as a paired difference: seed s gives every configuration the
-  same initialisation, image order, crops and flips, so the differences are measured within
-  a seed and their standard error is over seeds.
+- every ordering the paper reports as a paired difference: seed s gives every configuration
+  the same initialisation, image order, crops and flips, so the differences are measured
+  within a seed and their standard error is over seeds; each is called shown, not shown or
+  reversed by its 95% interval.
 
 Outputs: benchmarks/results/ablation.json (every run), ablation.png and ablation.md (the
 table and the verdicts, computed from the runs; `--update-readme` copies it into README.md).
@@ -73,12 +74,18 @@ CONFIGS: Dict[str, Tuple[str, Tuple[str, ...], float]] = {
     "original + CutMix": ("original", ("--cutmix", "1.0"), 78.6),
     "localized_multi + CutMix": ("localized_multi", ("--cutmix", "1.0"), 80.2),
 }
-# (better, worse): the paper's claims, each tested as a paired difference.
+# (better, worse): every ordering the paper reports, each tested as a paired difference:
+# ReLabel against the original labels, localized against global targets, ReLabel with CutMix
+# against CutMix; then multi against single labels, and CutMix against none.
 COMPARISONS = (
     ("localized_multi", "original"),
     ("localized_multi", "global_multi"),
     ("localized_single", "global_single"),
     ("localized_multi + CutMix", "original + CutMix"),
+    ("localized_multi", "localized_single"),
+    ("global_multi", "global_single"),
+    ("original + CutMix", "original"),
+    ("localized_multi + CutMix", "localized_multi"),
 )
 # Two-sided 95% quantiles of Student's t by degrees of freedom (normal beyond 30).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -191,29 +198,62 @@ def target_statistics(labelmaps: str, *, seed: int = 0) -> Dict[str, float]:
 
 def paired_difference(better: Sequence[float], worse: Sequence[float]) -> Dict[str, Any]:
     """Mean of the per-seed differences, its standard error and 95% interval (Student's t),
-    and whether the mean exceeds two standard errors."""
-    diffs = [b - w for b, w in zip(better, worse)]
-    assert len(diffs) == len(better) == len(worse)
+    and whether the mean exceeds two standard errors.
+
+    Raises:
+        ValueError: `better` and `worse` do not hold one value per seed each.
+    """
+    if len(better) != len(worse) or len(better) < 2:
+        raise ValueError(f"better, worse: expected one value per seed each, at least 2, found "
+                         f"{len(better)} and {len(worse)}")
+    diffs = [b - w for b, w in zip(better, worse, strict=True)]
     mean = statistics.mean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
     t = _T975[len(diffs) - 2] if 2 <= len(diffs) <= len(_T975) + 1 else 1.96
     return dict(diffs=diffs, mean=mean, se=se, ci95=[mean - t * se, mean + t * se],
                 beyond_two_se=bool(mean > 2 * se))
 
 
 def summarize(values: Sequence[float]) -> Dict[str, Any]:
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.inf
+    """Mean and standard error over seeds (at least two values)."""
+    se = statistics.stdev(values) / math.sqrt(len(values))
     return dict(mean=statistics.mean(values), se=se, values=list(values))
 
 
+def compare(configs: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Every ordering of COMPARISONS as a paired difference of top-1 over seeds, with the
+    paper's difference beside it."""
+    return [dict(better=better, worse=worse, paper=CONFIGS[better][2] - CONFIGS[worse][2],
+                 **paired_difference(configs[better]["val_top1"]["values"],
+                                     configs[worse]["val_top1"]["values"]))
+            for better, worse in COMPARISONS]
+
+
 def verdict(comparison: Dict[str, Any]) -> str:
-    """Plain words for one paired comparison."""
-    d = comparison
-    if d["beyond_two_se"]:
-        return f"better by {d['mean']:+.1f} pp, beyond two standard errors ({2 * d['se']:.1f})"
-    if d["mean"] > 0:
-        return f"ahead by {d['mean']:+.1f} pp, within two standard errors ({2 * d['se']:.1f})"
-    return f"not ahead ({d['mean']:+.1f} pp; two standard errors {2 * d['se']:.1f})"
+    """Plain words for one paired comparison, from its 95% interval."""
+    low, high = comparison["ci95"]
+    if low > 0:
+        return "reappears: ahead, the 95% interval above 0"
+    if high < 0:
+        return "reversed here: behind, the 95% interval below 0"
+    return "not shown: the 95% interval holds 0"
+
+
+def target_note(targets: Dict[str, float]) -> str:
+    """What the global and localized targets look like on these scenes, in words."""
+    if targets["single_matches_original"] == 1.0:
+        note = ("global_single's target is the original label for every training image here "
+                "(the largest object also has the largest pooled logit), so its row is the "
+                "original row's runs.")
+    else:
+        note = (f"global_single's target is the original label for "
+                f"{100 * targets['single_matches_original']:.1f}% of the training images.")
+    return note + (
+        f" The synthetic maps' logits are {LOGIT_SCALE:g} x the share of a cell an object "
+        f"covers, so their softmax targets are soft: global_multi's gives the original label "
+        f"{targets['global_multi_label_weight']:.2f} on average (a whole cluttered scene), "
+        f"localized_multi's gives a random crop's top class "
+        f"{targets['localized_multi_top_weight']:.2f}, where localized_single gives 1.")
 
 
 def render_table(result: Dict[str, Any]) -> str:
@@ -242,7 +282,22 @@ def render_table(result: Dict[str, Any]) -> str:
         lines.append(f"| {c['better']} vs {c['worse']} | {c['mean']:+.2f} ± {c['se']:.2f} | "
                      f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | {c['paper']:+.1f} | "
                      f"{verdict(c)} |")
-    lines += ["", "± is one standard error over seeds. " + result["global_note"]]
+    shown = [c for c in result["comparisons"] if c["ci95"][0] > 0]
+    reversed_ = [f"{c['better']} vs {c['worse']}" for c in result["comparisons"]
+                 if c["ci95"][1] < 0]
+    summary = (f"{len(shown)} of the paper's {len(result['comparisons'])} orderings reappear "
+               f"with their 95% interval above 0")
+    if reversed_:
+        summary += "; reversed here: " + ", ".join(reversed_)
+    if "original + CutMix vs original" in reversed_:
+        summary += (f" (CutMix, a regularizer, trains {result['settings']['epochs']} epochs "
+                    f"here; the paper's runs take 300)")
+    real = [row["val_real"]["mean"] for row in result["configs"].values()]
+    if min(real) > 99.0:
+        summary += (". ReaL accuracy (a prediction counts when its class is anywhere in the "
+                    "image) is at its ceiling on these scenes")
+    lines += ["", f"± is one standard error over seeds. {summary}. "
+                  f"{target_note(result['targets'])}"]
     return "\n".join(lines) + "\n"
 
 
@@ -311,6 +366,7 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 
 
 def train_one(name: str, seed: int, dataset: Any, args: argparse.Namespace) -> Dict[str, float]:
+    """One run of train/run.py for configuration `name`; its final validation accuracies."""
     mode, extra, _ = CONFIGS[name]
     output = os.path.join(args.work, f"{name.replace(' + ', '+')}-seed{seed}")
     os.makedirs(output, exist_ok=True)
@@ -329,6 +385,8 @@ def train_one(name: str, seed: int, dataset: Any, args: argparse.Namespace) -> D
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Builds the data, measures the premise, trains every configuration under every seed
+    (or reads an earlier ablation.json), and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=4, help="paired seeds (default: 4)")
@@ -348,14 +406,22 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         help="folder of the runs' outputs (default: output/ablation)")
     parser.add_argument("--update-readme", action="store_true",
                         help="also write the table into README.md")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="train nothing: compare and render the runs of an earlier "
+                             "ablation.json again (default: train)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        result["comparisons"] = compare(result["configs"])
+        write_results(result, Path(args.out), args.update_readme)
+        return result
     if args.seeds < 2:
         parser.error(f"--seeds: expected at least 2 (a standard error needs two), got "
                      f"{args.seeds}")
     if args.epochs < 1:
         parser.error(f"--epochs: expected at least 1, got {args.epochs}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
     logging.getLogger("train").setLevel(logging.WARNING)  # the runs' per-epoch lines
     start = time.perf_counter()
     spec = dict(DATASET, train_per_class=args.train_per_class,
@@ -370,21 +436,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 100 * premise["cluttered"]["other_class_more"],
                 100 * premise["default"]["other_class_more"])
     targets = target_statistics(dataset.labelmaps)
-    match = targets["single_matches_original"]
     # Identical targets give identical runs: global_single is trained only when they differ.
-    trained = [name for name in CONFIGS if not (name == "global_single" and match == 1.0)]
-    if match == 1.0:
-        note = ("global_single's target is the original label for every training image here "
-                "(the largest object also has the largest pooled logit), so its row is the "
-                "original row's runs.")
-    else:
-        note = (f"global_single's target is the original label for {100 * match:.1f}% of "
-                f"the training images.")
-    note += (f" The synthetic maps' logits are 10 x the share of a cell an object covers, "
-             f"so their softmax targets are soft: global_multi's gives the original label "
-             f"{targets['global_multi_label_weight']:.2f} on average (a whole cluttered "
-             f"scene), localized_multi's gives a random crop's top class "
-             f"{targets['localized_multi_top_weight']:.2f}, where localized_single gives 1.")
+    trained = [name for name in CONFIGS
+               if not (name == "global_single" and targets["single_matches_original"] == 1.0)]
     runs: List[Dict[str, Any]] = []
     with tqdm(total=args.seeds * len(trained), desc="ablation runs", unit="run") as bar:
         for seed in range(args.seeds):
@@ -401,12 +455,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                trained=name in trained,
                                **{key: summarize([r[key] for r in mine])
                                   for key in ("val_top1", "val_real", "val_top5")})
-    comparisons = []
-    for better, worse in COMPARISONS:
-        d = paired_difference(by_config[better]["val_top1"]["values"],
-                              by_config[worse]["val_top1"]["values"])
-        comparisons.append(dict(better=better, worse=worse,
-                                paper=CONFIGS[better][2] - CONFIGS[worse][2], **d))
     val_images = len(dataset.classes) * args.val_per_class
     result = dict(
         settings=dict(seeds=args.seeds, epochs=args.epochs, **RECIPE,
@@ -414,20 +462,23 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                       val_images=val_images, dataset={k: list(v) if isinstance(v, tuple)
                                                       else v for k, v in spec.items()}),
         machine=f"{os.cpu_count()} CPU cores", premise=premise,
-        targets=targets, global_note=note, runs=runs,
-        configs=by_config, comparisons=comparisons,
+        targets=targets, runs=runs, configs=by_config, comparisons=compare(by_config),
         minutes=(time.perf_counter() - start) / 60)
-    out = Path(args.out)
+    write_results(result, Path(args.out), args.update_readme)
+    return result
+
+
+def write_results(result: Dict[str, Any], out: Path, readme: bool) -> None:
+    """ablation.json, .md and .png in `out`, and the README's table when `readme`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
     table = render_table(result)
     (out / "ablation.md").write_text(table)
     plot(result, out / "ablation.png")
-    if args.update_readme:
+    if readme:
         update_readme(table)
     logger.info("\n%s\nwrote %s, %s and %s", table, out / "ablation.json",
                 out / "ablation.png", out / "ablation.md")
-    return result
 
 
 if __name__ == "__main__":

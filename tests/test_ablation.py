@@ -102,8 +102,14 @@ def test_paired_difference_matches_numpy():
     assert d["se"] == pytest.approx(se)
     assert d["ci95"] == pytest.approx([diffs.mean() - 3.182 * se, diffs.mean() + 3.182 * se])
     assert d["beyond_two_se"] is True
+    assert ablation.verdict(d).startswith("reappears")
     # A difference that changes sign across seeds is not beyond two standard errors.
-    assert ablation.paired_difference([1.0, 3.0, 2.0], [2.0, 1.0, 2.5])["beyond_two_se"] is False
+    mixed = ablation.paired_difference([1.0, 3.0, 2.0], [2.0, 1.0, 2.5])
+    assert mixed["beyond_two_se"] is False and ablation.verdict(mixed).startswith("not shown")
+    behind = ablation.paired_difference(worse, better)
+    assert ablation.verdict(behind).startswith("reversed")
+    with pytest.raises(ValueError, match="better, worse: expected one value per seed"):
+        ablation.paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
 
 
 def test_target_statistics_count_with_the_loaders_pooling(tmp_path):
@@ -150,8 +156,11 @@ def check_figures_come_from_the_runs(result):
         runs = sorted((r for r in result["runs"] if r["config"] == source),
                       key=lambda r: r["seed"])
         assert [r["seed"] for r in runs] == list(range(seeds))
-        assert row["val_top1"]["values"] == [r["val_top1"] for r in runs]
-        assert row["val_top1"]["mean"] == pytest.approx(np.mean(row["val_top1"]["values"]))
+        for key in ("val_top1", "val_real", "val_top5"):
+            assert row[key]["values"] == [r[key] for r in runs]
+            assert row[key]["mean"] == pytest.approx(np.mean(row[key]["values"]))
+    assert [(c["better"], c["worse"]) for c in result["comparisons"]] == list(
+        ablation.COMPARISONS)
     for c in result["comparisons"]:
         better = result["configs"][c["better"]]["val_top1"]["values"]
         worse = result["configs"][c["worse"]]["val_top1"]["values"]
@@ -166,6 +175,14 @@ def test_the_readme_table_is_the_one_the_committed_results_give():
     start = readme.index(ablation.README_START) + len(ablation.README_START)
     assert readme[start:readme.index(ablation.README_END)].strip() == \
         ablation.render_table(result).strip()
+
+
+def test_from_json_renders_the_committed_runs_again(tmp_path):
+    result = ablation.main(["--from-json", str(ablation.RESULTS / "ablation.json"),
+                            "--out", str(tmp_path)])
+    assert (tmp_path / "ablation.md").read_text() == ablation.render_table(result)
+    assert json.loads((tmp_path / "ablation.json").read_text()) == json.loads(
+        (ablation.RESULTS / "ablation.json").read_text())
 
 
 def test_a_tiny_ablation_runs_end_to_end(tmp_path, monkeypatch):
