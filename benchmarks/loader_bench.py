@@ -333,6 +333,12 @@ def pt_path(relative_image_path: str) -> str:
     return "/".join(relative_image_path.split("/")[-2:]).split(".")[0] + ".pt"
 
 
+def cache_name(cache: Path) -> str:
+    """The cache folder as recorded in the results: under ~ when it is in the home folder."""
+    home = Path.home()
+    return f"~/{cache.relative_to(home)}" if cache.is_relative_to(home) else str(cache)
+
+
 def warm_page_cache(folders: Sequence[Path], files: Sequence[Path]) -> int:
     """Reads every file once; returns the bytes read."""
     total = 0
@@ -935,7 +941,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                       timed_batches=args.batches, rounds=args.rounds,
                       max_other_cpu_percent=args.max_other_cpu, retries=args.retries,
                       wait_idle_seconds=args.wait_idle, image_size=IMAGE_SIZE,
-                      seed=args.seed, cache=str(cache),
+                      seed=args.seed, cache=cache_name(cache),
                       load_average_before=load_before, load_average_after=os.getloadavg()),
         dataset=dict(num_images=args.images, source=manifest["params"]["source"],
                      source_photos=manifest["params"]["source_names"],
