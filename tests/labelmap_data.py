@@ -1,6 +1,28 @@
-"""Test utilities: random top-k label maps and crop boxes shaped like the real ones."""
+"""Test utilities: random top-k label maps and crop boxes shaped like the real ones, and a
+label-map job killed mid-way."""
+import textwrap
+
 import pytest
 import torch
+
+# `python -c KILLED_AFTER_TWO_WRITES <dali-relabel arguments>`: runs the command and kills
+# itself (SIGKILL: no clean-up of any kind) right after the second LabelMapWriter.write.
+KILLED_AFTER_TWO_WRITES = textwrap.dedent("""
+    import os, signal, sys
+    from dali_relabel.cli import main
+    from dali_relabel.store import LabelMapWriter
+
+    write, calls = LabelMapWriter.write, []
+
+    def write_then_die(self, *args, **kwargs):
+        write(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    LabelMapWriter.write = write_then_die
+    sys.exit(main(sys.argv[1:]))
+""")
 
 
 def make_label_maps(num_rows: int, topk: int, num_classes: int, *, height: int = 15,

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -16,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.testing import assert_close
+
+from labelmap_data import KILLED_AFTER_TWO_WRITES
 
 from dali_relabel import LabelMapError, LabelMapStore
 from dali_relabel.cli import main
@@ -236,24 +237,6 @@ def test_bad_image_is_named_and_can_be_excluded(images, colour_model, tmp_path, 
                     "--exclude", str(tmp_path / "bad.txt")) == 0
     kept = LabelMapStore.open(tmp_path / "kept.h5")
     assert kept.paths == ["blue/plain.jpg", "red/left.jpg", "red/top.jpg"]
-
-
-KILLED_AFTER_TWO_WRITES = textwrap.dedent("""
-    import os, signal, sys
-    from dali_relabel.cli import main
-    from dali_relabel.store import LabelMapWriter
-
-    write, calls = LabelMapWriter.write, []
-
-    def write_then_die(self, *args, **kwargs):
-        write(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind
-
-    LabelMapWriter.write = write_then_die
-    sys.exit(main(sys.argv[1:]))
-""")
 
 
 def test_killed_job_resumes_where_it_stopped(images, colour_model, annotated, tmp_path,

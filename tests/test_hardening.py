@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from labelmap_data import KILLED_AFTER_TWO_WRITES
+
 import dali_relabel.store as store_module
 from dali_relabel import label_pooling, reference_label_pooling
 from dali_relabel._utils import atomic_path, check_output_path
@@ -332,24 +334,6 @@ def test_a_locked_partial_is_reported_as_locked_not_damaged(release, tmp_path, c
         holder.wait()
     LabelMapWriter(out, num_rows=6, num_classes=2, topk=K, height=H, width=W,
                    classes=["c0", "c1"]).close()  # the lock went with its holder
-
-
-KILLED_AFTER_TWO_WRITES = textwrap.dedent("""
-    import os, signal, sys
-    from dali_relabel.cli import main
-    from dali_relabel.store import LabelMapWriter
-
-    write, calls = LabelMapWriter.write, []
-
-    def write_then_die(self, *args, **kwargs):
-        write(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    LabelMapWriter.write = write_then_die
-    sys.exit(main(sys.argv[1:]))
-""")
 
 
 @pytest.fixture(scope="module")
