@@ -47,7 +47,7 @@ def train_pipeline(plan_source: Callable, *, decoder_device: str, image_size: in
 
     Args:
         plan_source: ``plan_source(iteration)`` returns batch `iteration` of the current
-            epoch as five lists or arrays: file paths (utf-8 bytes as uint8 [n]), anchors
+            epoch as five lists or arrays: file paths (utf-8 bytes, uint8 [length] each), anchors
             (y, x) int32 [2], shapes (h, w) int32 [2], flips int32 scalars and label-map rows
             int64 scalars.
         decoder_device: "mixed" (GPU decoding) or "cpu".

@@ -370,6 +370,36 @@ def test_untidy_imagenet_files_decode_to_rgb(tmp_path, adjust_orientation):
                                    np.round(box * [120, 200, 120, 200]), atol=2e-3)
 
 
+
+
+def test_paths_of_any_length_depth_and_script_read_their_own_file(tmp_path, monkeypatch):
+    """The loader sends a batch's paths to DALI padded to one length: names of different
+    lengths, depths and scripts, under a relative image root, each decode their own file."""
+    relative = ["a.jpg", "n01/b.JPEG", "n01/deeper/still/c with spaces.jpeg",
+                "ñandú/éclair-日本.JPEG", "n01/" + "long" * 40 + ".JPEG"]
+    rng = np.random.default_rng(11)
+    for path in relative:
+        os.makedirs((tmp_path / "images" / path).parent, exist_ok=True)
+        textured_image(rng, int(rng.integers(60, 160)), int(rng.integers(60, 160))).save(
+            tmp_path / "images" / path, quality=95)
+    values, indices = make_label_maps(len(relative), 5, NUM_CLASSES, seed=3)
+    dali_relabel.write_labelmaps(tmp_path / "maps.h5", values, indices,
+                                 np.zeros(len(relative), np.int64), relative,
+                                 [f"c{c}" for c in range(NUM_CLASSES)])
+    monkeypatch.chdir(tmp_path)
+    loader = ReLabelLoader("images", "maps.h5", len(relative), device="cpu", image_size=32,
+                           return_meta=True, num_threads=1, **RAW)
+    batch = next(iter(loader))
+    assert sorted(batch.sample_index.tolist()) == list(range(len(relative)))
+    for k, row in enumerate(batch.sample_index.tolist()):
+        path = tmp_path / "images" / relative[row]
+        others = [tmp_path / "images" / p for p in relative if p != relative[row]]
+        got = loader_pixels(batch, k)
+        box, flip = batch.boxes[k].numpy(), bool(batch.flip[k])
+        own = np.abs(pil_crop(str(path), box, 32, flip) - got).mean()
+        assert own < 1.0, relative[row]
+        assert all(np.abs(pil_crop(str(other), box, 32, flip) - got).mean() > 5 * own + 1
+                   for other in others), relative[row]
 def test_val_loader_matches_pil_and_covers_shards(dataset):
     root, _ = dataset
     labels = []
