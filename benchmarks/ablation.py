@@ -44,6 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
 import run  # noqa: E402
+from _stats import mean_interval  # noqa: E402
 
 from dali_relabel import LabelMapStore, label_pooling  # noqa: E402
 from dali_relabel.plan import random_resized_crop_windows  # noqa: E402
@@ -87,10 +88,6 @@ COMPARISONS = (
     ("original + CutMix", "original"),
     ("localized_multi + CutMix", "localized_multi"),
 )
-# Two-sided 95% quantiles of Student's t by degrees of freedom (normal beyond 30).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def crop_coverage(coverage: np.ndarray, classes: np.ndarray, sizes: np.ndarray,
@@ -207,11 +204,9 @@ def paired_difference(better: Sequence[float], worse: Sequence[float]) -> Dict[s
         raise ValueError(f"better, worse: expected one value per seed each, at least 2, found "
                          f"{len(better)} and {len(worse)}")
     diffs = [b - w for b, w in zip(better, worse, strict=True)]
-    mean = statistics.mean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    t = _T975[len(diffs) - 2] if 2 <= len(diffs) <= len(_T975) + 1 else 1.96
-    return dict(diffs=diffs, mean=mean, se=se, ci95=[mean - t * se, mean + t * se],
-                beyond_two_se=bool(mean > 2 * se))
+    interval = mean_interval(diffs)
+    return dict(diffs=diffs, **interval,
+                beyond_two_se=bool(interval["mean"] > 2 * interval["se"]))
 
 
 def summarize(values: Sequence[float]) -> Dict[str, Any]:

@@ -18,7 +18,8 @@ same JPEG files, with the same number of CPU threads / DataLoader workers W = T:
   (c) ReLabelLoader   dali_relabel.ReLabelLoader over the same images with an HDF5 store of the
                       same maps (with /sizes): the epoch plan fixes every window on the host,
                       DALI ROI-decodes it, LabelPooling makes the targets; the same decoder
-                      settings as (b). ReLabel's cost is 1 - (c) / (b).
+                      settings as (b). ReLabel's cost is 1 - (c) / (b), measured in
+                      paired segments (below).
   (d) bare decode     a DALI pipeline that only reads and decodes the JPEGs (no crop, no
                       resize) on the same T threads; for reference also PIL decoding
                       (Image.open(path).convert("RGB")) in a DataLoader with W workers
@@ -38,8 +39,15 @@ are not timed, so every method is timed in its second epoch; each method runs al
 of a shared machine hits them alike, and the median round counts. Each timed run first waits
 for the machine to be idle, measures the CPU that processes outside the benchmark take
 meanwhile (/proc/stat, any PID namespace), and is repeated when that exceeds --max-other-cpu;
-the JSON records it per method. It also records how long the epoch plan takes for ImageNet's
-1,281,167 images. Writes JSON and a PNG to benchmarks/results/.
+the JSON records it per method.
+
+Rounds of whole loaders give each method's images/s, but a shared machine's speed drifts by
+several percent between them, more than ReLabel's cost. So (b) and (c) are then built side by
+side and, after an untimed epoch each, take turns in short segments (--segment-batches timed
+batches, about a second): each pair of adjacent segments gives one ratio of (c) to (b), and
+ReLabel's cost is the geometric mean of --pairs such ratios, with a 95% interval. It also
+records how long the epoch plan takes for ImageNet's 1,281,167 images. Writes JSON and a PNG
+to benchmarks/results/.
 
     python benchmarks/loader_bench.py [--device cuda|cpu] [--threads T] [--images N]
 """
@@ -53,6 +61,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -79,6 +88,9 @@ from dali_relabel import pipeline as relabel_pipeline  # noqa: E402
 from dali_relabel.loader import ReLabelLoader  # noqa: E402
 from dali_relabel.plan import EpochPlanner  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stats import mean_interval  # noqa: E402
 
 logger = logging.getLogger("loader_bench")
 
@@ -119,6 +131,10 @@ METHOD_NAMES = {
 }
 IMAGENET_TRAIN_IMAGES = 1_281_167
 SPREAD_WARNING_PERCENT = 15.0
+# The paired comparison: ReLabel's cost is measured against this loader.
+PAIRED = ("relabel_loader", "plain_dali")
+SEGMENT_PAUSE_S = 0.25  # a loader left idle still prepares the batches its queue has room for
+SEGMENT_DRAIN = 2  # batches a loader has prefetched when its turn comes (both: queue depth 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,42 +626,52 @@ def time_call(fn_: Callable[[], object], sync: Callable[[], None], repeats: int)
     return statistics.median(times)
 
 
-def run_method(name: str, data: Dict, args, device: torch.device) -> Dict:
-    """Builds the method's loader, times it, shuts it down; returns its row."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+def open_method(name: str, data: Dict, args, device: torch.device) -> Tuple[object, Iterator]:
+    """Builds the method's loader: (the loader, an endless iterator of its batches)."""
     files = [os.path.join(data["image_root"], p) for p in data["paths"]]
-    extra: Dict = {}
     if name == "official":
         loader = official_loader(data["image_root"], data["relabel_root"], args.batch_size,
                                  args.threads, device)
-        batches = official_batches(loader, device)
-    elif name == "relabel_loader":
+        return loader, official_batches(loader, device)
+    if name == "relabel_loader":
         loader = ReLabelLoader(data["image_root"], data["store"], args.batch_size,
                                device=str(device), num_threads=args.threads, seed=args.seed)
-        batches = endless(loader)
-    elif name == "plain_dali":
+        return loader, endless(loader)
+    if name == "plain_dali":
         pipe = plain_dali_pipeline(
             files, decoder_device="mixed" if device.type == "cuda" else "cpu",
             batch_size=args.batch_size, num_threads=args.threads,
             device_id=(device.index or 0) if device.type == "cuda" else None, seed=args.seed)
         pipe.build()
         loader = DALIGenericIterator([pipe], ["images"], reader_name="Reader")
-        batches = plain_dali_batches(loader)
-    elif name == "dali_decode":
+        return loader, plain_dali_batches(loader)
+    if name == "dali_decode":
         order = np.random.default_rng(args.seed).permutation(len(files))
         loader = decode_pipeline(
             [files[i] for i in order], decoder_device="mixed" if device.type == "cuda" else "cpu",
             batch_size=args.batch_size, num_threads=args.threads,
             device_id=(device.index or 0) if device.type == "cuda" else None, seed=args.seed)
         loader.build()
-        batches = dali_decode_batches(loader)
-    elif name == "pil_decode":
+        return loader, dali_decode_batches(loader)
+    if name == "pil_decode":
         loader = torch.utils.data.DataLoader(
             PILDecodeDataset(files), batch_size=args.batch_size, shuffle=True,
             num_workers=args.threads, drop_last=True, persistent_workers=True)
-        batches = endless(loader)
-    else:
-        raise ValueError(f"unknown method {name!r}")
+        return loader, endless(loader)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def run_method(name: str, data: Dict, args, device: torch.device) -> Dict:
+    """Builds the method's loader, times it, shuts it down; returns its row."""
+    sync = device_sync(device)
+    extra: Dict = {}
+    loader, batches = open_method(name, data, args, device)
     try:
         row = time_batches(batches, args.warmup, args.batches, sync)
         if name == "relabel_loader":
@@ -655,8 +681,9 @@ def run_method(name: str, data: Dict, args, device: torch.device) -> Dict:
             rows = torch.randint(0, len(loader.store), (args.batch_size,), generator=gen)
             boxes = random_boxes(args.batch_size, gen).to(device)
             flip = torch.zeros(args.batch_size, dtype=torch.bool)
+            targets = loader.targets
             extra["targets_ms_per_batch"] = time_call(
-                lambda: loader.targets(boxes, flip, rows), sync, repeats=20)
+                lambda: targets(boxes, flip, rows), sync, repeats=20)
     finally:
         batches.close()
         del batches, loader
@@ -706,6 +733,46 @@ def run_clean(name: str, data: Dict, args, device: torch.device) -> Dict:
     return dict(best, attempts=len(attempts))
 
 
+def paired_segments(data: Dict, args, device: torch.device) -> Dict:
+    """ReLabelLoader against the plain DALI graph, closely interleaved.
+
+    Both loaders are built and run one epoch (untimed); then they take turns: each segment
+    waits SEGMENT_PAUSE_S for the other loader's prefetching to end, takes the SEGMENT_DRAIN
+    batches its own queue holds and times --segment-batches batches. Each pair of adjacent
+    segments gives one ratio of images/s, so that the machine's changing speed cancels out;
+    the order within a pair alternates. Returns the segments' rates, the ratios and their
+    geometric mean with a 95% interval.
+    """
+    sync = device_sync(device)
+    opened = {name: open_method(name, data, args, device) for name in PAIRED}
+    rates: Dict[str, List[float]] = {name: [] for name in PAIRED}
+    other: List[float] = []
+    try:
+        for _, batches in opened.values():
+            for _ in range(args.images // args.batch_size):
+                next(batches)
+        for pair in tqdm(range(args.pairs), desc="paired segments", unit="pair"):
+            for name in PAIRED if pair % 2 == 0 else PAIRED[::-1]:
+                time.sleep(SEGMENT_PAUSE_S)
+                row = time_batches(opened[name][1], SEGMENT_DRAIN, args.segment_batches, sync)
+                rates[name].append(row["batches"] * args.batch_size / row["seconds"])
+                other.append(row.get("other_cpu_percent", 0.0) + row.get("steal_percent", 0.0))
+    finally:
+        for _, batches in opened.values():
+            batches.close()
+        del opened
+        gc.collect()
+    log_ratios = [math.log(r / p) for r, p in zip(rates["relabel_loader"], rates["plain_dali"])]
+    interval = mean_interval(log_ratios)
+    return dict(pairs=args.pairs, segment_batches=args.segment_batches,
+                drained_batches=SEGMENT_DRAIN, pause_s=SEGMENT_PAUSE_S,
+                images_per_s={name: statistics.median(values) for name, values in rates.items()},
+                segments_images_per_s=rates,
+                percent_of_plain=100 * math.exp(interval["mean"]),
+                percent_of_plain_ci95=[100 * math.exp(v) for v in interval["ci95"]],
+                median_other_cpu_percent=statistics.median(other))
+
+
 def random_boxes(batch: int, gen: torch.Generator) -> torch.Tensor:
     area = torch.empty(batch).uniform_(0.08, 1.0, generator=gen)
     log_ratio = torch.empty(batch).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
@@ -718,7 +785,7 @@ def random_boxes(batch: int, gen: torch.Generator) -> torch.Tensor:
 
 def official_targets_ms(data: Dict, args, device: torch.device) -> float:
     """Diagnostic: main-process milliseconds of the official target code for one batch."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     dataset = official_dataset(data["image_root"], data["relabel_root"])
     samples = [dataset[i] for i in range(args.batch_size)]
     _, _, coords, label_maps = torch.utils.data.default_collate(samples)
@@ -773,9 +840,12 @@ def format_table(result: Dict) -> str:
 
 def summary_line(summary: Dict) -> str:
     """What ReLabel costs, in words."""
-    return (f"ReLabelLoader: {summary['percent_of_plain']:.1f}% of the plain DALI graph's "
-            f"throughput (ReLabel costs {summary['relabel_cost_percent']:.1f}%), "
-            f"{summary['ratio_vs_official']:.2f}x the official pipeline")
+    low, high = summary["percent_of_plain_ci95"]
+    return (f"ReLabelLoader against the plain DALI graph, in {summary['pairs']} interleaved "
+            f"pairs of segments: {summary['percent_of_plain']:.1f}% of its throughput (95% "
+            f"interval {low:.1f}-{high:.1f}%; ReLabel costs "
+            f"{summary['relabel_cost_percent']:.1f}%); {summary['ratio_vs_official']:.2f}x "
+            "the official pipeline (median rounds)")
 
 
 def plot(result: Dict, path: Path) -> None:
@@ -783,7 +853,9 @@ def plot(result: Dict, path: Path) -> None:
     names = list(METHODS)
     rates = [methods[n]["images_per_s"] for n in names]
     colors = ["tab:red", "tab:purple", "tab:green", "tab:blue", "tab:gray"]
-    fig, ax = plt.subplots(figsize=(11, 6))
+    pairs = result["paired_segments"]
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6), gridspec_kw=dict(width_ratios=[3, 2]))
+    ax = axes[0]
     bars = ax.bar(range(len(names)), rates, color=colors)
     for bar, rate in zip(bars, rates):
         ax.text(bar.get_x() + bar.get_width() / 2, rate, f"{rate:.0f}", ha="center",
@@ -793,8 +865,7 @@ def plot(result: Dict, path: Path) -> None:
                label=f"plain DALI graph: {plain:.0f} images/s")
     summary = result["summary"]
     relabel = names.index("relabel_loader")
-    ax.annotate(f"{summary['percent_of_plain']:.1f}% of plain DALI\n"
-                f"{summary['ratio_vs_official']:.2f}x official",
+    ax.annotate(f"{summary['ratio_vs_official']:.2f}x official",
                 xy=(relabel, rates[relabel] + 0.06 * max(rates)),
                 xytext=(relabel, rates[relabel] + 0.2 * max(rates)),
                 ha="center", fontsize=11, fontweight="bold",
@@ -802,7 +873,7 @@ def plot(result: Dict, path: Path) -> None:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([METHOD_NAMES[n].replace(": ", ":\n", 1).replace(", ", ",\n", 1)
                         for n in names], fontsize=9)
-    ax.set_ylabel("images / s (with targets for (a) and (c))")
+    ax.set_ylabel("images / s (with targets for (a) and (c)), median round")
     ax.set_ylim(0, 1.4 * max(rates))
     settings = result["settings"]
     dataset = result["dataset"]
@@ -811,6 +882,22 @@ def plot(result: Dict, path: Path) -> None:
                  f"{dataset['num_images']} JPEGs, mean {dataset['mean_jpeg_kb']:.0f} KB)",
                  fontsize=11)
     ax.legend(loc="upper right")
+    ax = axes[1]
+    segments = pairs["segments_images_per_s"]
+    ratios = 100 * np.array(segments["relabel_loader"]) / np.array(segments["plain_dali"])
+    ax.plot(np.arange(1, len(ratios) + 1), ratios, "o", color="tab:green", markersize=3,
+            alpha=0.6, label="one pair of adjacent segments")
+    low, high = summary["percent_of_plain_ci95"]
+    ax.axhspan(low, high, color="tab:green", alpha=0.2, label="95% interval")
+    ax.axhline(summary["percent_of_plain"], color="tab:green", linewidth=1.5,
+               label=f"geometric mean: {summary['percent_of_plain']:.1f}% "
+                     f"({low:.1f}-{high:.1f}%)")
+    ax.axhline(100, color="tab:purple", linestyle="--", linewidth=1.2,
+               label="plain DALI graph")
+    ax.set_xlabel(f"pair of segments ({pairs['segment_batches']} timed batches each)")
+    ax.set_ylabel("ReLabelLoader, % of the plain DALI graph's images/s")
+    ax.set_title("ReLabelLoader against the plain DALI graph, interleaved", fontsize=11)
+    ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -838,6 +925,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                              "warm-up (default: images // batch-size + max(2, threads))")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds over all methods; the median round counts (default: 3)")
+    parser.add_argument("--pairs", type=int, default=150,
+                        help="pairs of interleaved segments of ReLabelLoader and the plain DALI "
+                             "graph that measure ReLabel's cost; 0: none (default: 150)")
+    parser.add_argument("--segment-batches", type=int, default=18,
+                        help="timed batches per segment, after the prefetched ones (default: "
+                             "18; with the 2 prefetched, 5 segments make an epoch of 6400 "
+                             "images at B=64, so no timed batch spans an epoch restart)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset to run (default: {','.join(METHODS)})")
     parser.add_argument("--source", choices=("photos", "synthetic"), default="photos",
@@ -869,8 +963,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
-    if args.threads < 1 or args.batch_size < 1 or args.rounds < 1 or args.retries < 0:
-        parser.error("--threads, --batch-size and --rounds must be >= 1, --retries >= 0")
+    if min(args.threads, args.batch_size, args.rounds, args.segment_batches) < 1 or min(
+            args.retries, args.pairs) < 0 or args.pairs == 1:
+        parser.error("--threads, --batch-size, --rounds and --segment-batches must be >= 1, "
+                     "--retries >= 0, --pairs 0 or >= 2")
     per_epoch = args.images // args.batch_size
     if args.warmup is None:
         args.warmup = per_epoch + max(2, args.threads)
@@ -883,6 +979,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         logger.warning("%d warm-up + %d timed batches cross the end of an epoch (%d batches): "
                        "the timing includes an epoch restart", args.warmup, args.batches,
                        per_epoch)
+    paired = args.pairs > 0 and set(PAIRED) <= set(methods)
+    if paired and per_epoch % (SEGMENT_DRAIN + args.segment_batches):
+        logger.warning("%d prefetched + %d timed batches do not divide an epoch (%d batches): "
+                       "some segments include an epoch restart", SEGMENT_DRAIN,
+                       args.segment_batches, per_epoch)
     torch.set_num_threads(args.threads)
     # Recorded only: the 1-minute average lags; each timed run instead waits for an idle
     # machine and measures the CPU other processes take while it runs (/proc/stat).
@@ -925,10 +1026,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         rows["official"]["targets_ms_per_batch"] = official_targets_ms(data, args, device)
     summary: Dict = dict(plan_ms_imagenet=plan_ms(args.seed))
     rate = {name: row["images_per_s"] for name, row in rows.items()}
-    if {"plain_dali", "relabel_loader"} <= rate.keys():
-        summary.update(percent_of_plain=100 * rate["relabel_loader"] / rate["plain_dali"],
-                       relabel_cost_percent=100 * (1 - rate["relabel_loader"]
-                                                   / rate["plain_dali"]))
+    pairs = paired_segments(data, args, device) if paired else None
+    if pairs is not None:
+        summary.update(percent_of_plain=pairs["percent_of_plain"],
+                       percent_of_plain_ci95=pairs["percent_of_plain_ci95"],
+                       relabel_cost_percent=100 - pairs["percent_of_plain"], pairs=args.pairs)
     if {"official", "relabel_loader"} <= rate.keys():
         summary["ratio_vs_official"] = rate["relabel_loader"] / rate["official"]
     if {"dali_decode", "relabel_loader"} <= rate.keys():
@@ -951,12 +1053,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                      map_size=MAP_SIZE, classes_per_image=CLASSES_PER_IMAGE,
                      generation=manifest["params"]),
         methods=rows,
+        paired_segments=pairs,
         summary=summary,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "loader_bench.json").write_text(json.dumps(result, indent=2))
-    if set(METHODS) <= rows.keys():
+    complete = set(METHODS) <= rows.keys() and pairs is not None
+    if complete:
         plot(result, out / "loader_bench.png")
         logger.info(format_table(result))
     else:
@@ -978,7 +1082,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     logger.info("planning one epoch of ImageNet (%d images) on one rank: %.0f ms",
                 IMAGENET_TRAIN_IMAGES, summary["plan_ms_imagenet"])
     logger.info("wrote %s%s", out / "loader_bench.json",
-                f" and {out / 'loader_bench.png'}" if set(METHODS) <= rows.keys() else "")
+                f" and {out / 'loader_bench.png'}" if complete else "")
     return result
 
 

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -31,7 +32,7 @@ def bench_run(loader_bench, tmp_path_factory):
     result = loader_bench.main([
         "--source", "synthetic", "--images", "24", "--batch-size", "4", "--batches", "2",
         "--warmup", "1", "--threads", "2", "--device", "cpu", "--rounds", "1",
-        "--wait-idle", "0", "--max-other-cpu", "100",
+        "--wait-idle", "0", "--max-other-cpu", "100", "--pairs", "3", "--segment-batches", "1",
         "--cache", str(cache), "--out", str(out)])
     return result, cache, out
 
@@ -47,10 +48,17 @@ def test_writes_positive_rates_for_every_method(loader_bench, bench_run):
     assert saved["dataset"]["mean_jpeg_kb"] > 0
     summary = saved["summary"]
     assert summary["ratio_vs_official"] > 0 and summary["percent_of_bare_decode"] > 0
-    plain = saved["methods"]["plain_dali"]["images_per_s"]
-    relabel = saved["methods"]["relabel_loader"]["images_per_s"]
-    assert summary["percent_of_plain"] == pytest.approx(100 * relabel / plain)
+    # ReLabel's cost: the geometric mean of the paired segments' ratios, with a t interval.
+    segments = saved["paired_segments"]["segments_images_per_s"]
+    assert len(segments["relabel_loader"]) == len(segments["plain_dali"]) == 3
+    log_ratios = np.log(np.divide(segments["relabel_loader"], segments["plain_dali"]))
+    se = log_ratios.std(ddof=1) / np.sqrt(3)
+    assert summary["percent_of_plain"] == pytest.approx(100 * np.exp(log_ratios.mean()))
+    assert summary["percent_of_plain_ci95"] == pytest.approx(
+        100 * np.exp(log_ratios.mean() + np.array([-4.303, 4.303]) * se))
     assert summary["relabel_cost_percent"] == pytest.approx(100 - summary["percent_of_plain"])
+    assert summary["pairs"] == 3 and "interleaved pairs" in loader_bench.summary_line(
+        {**summary, "ratio_vs_official": 2.0})
     assert summary["plan_ms_imagenet"] > 0
     assert saved["machine"]["cpu_count"] >= 1
     assert result["methods"].keys() == saved["methods"].keys()
