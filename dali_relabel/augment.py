@@ -27,7 +27,7 @@ from nvidia.dali.auto_aug.core import select
 
 from dali_relabel._loading import to_device
 
-__all__ = ["AutoAugmentPolicy", "Augmentations", "GraphFeed", "LIGHTING_EIGVAL",
+__all__ = ["AutoAugmentPolicy", "Augmentations", "LIGHTING_EIGVAL",
            "LIGHTING_EIGVEC", "RE_MODES", "check_ra_magnitude", "parse_auto_augment",
            "parse_color_jitter", "random_erase"]
 
@@ -711,24 +711,6 @@ class Augmentations:
             # (x + offset - mean) / std: lighting is a per-sample shift of the mean.
             mean_node = types.Constant(np.asarray(mean, np.float32)) - params["lighting"]
         return images, mean_node
-
-
-class GraphFeed:
-    """The graph's second external source: batch i of the planned augmentation parameters,
-    StopIteration at the end of the epoch (in step with the plan's feed)."""
-
-    def __init__(self, names: Sequence[str], batch_size: int) -> None:
-        self._names = list(names)
-        self._batch_size = batch_size
-        self.plan: Optional[dict[str, np.ndarray]] = None
-
-    def __call__(self, iteration: int) -> tuple[np.ndarray, ...]:
-        plan = self.plan
-        start = iteration * self._batch_size
-        if plan is None or start >= len(plan[self._names[0]]):
-            raise StopIteration
-        return tuple(np.ascontiguousarray(plan[name][start:start + self._batch_size])
-                     for name in self._names)
 
 
 # ---- random erasing -------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from dali_relabel._loading import (EpochSampler, LoaderDataset, check_epoch, che
                                    check_range, dali_image_dtype, finish_images,
                                    resolve_device, resolve_shard)
 from dali_relabel._utils import check_positive_int, cpu_share
-from dali_relabel.augment import Augmentations, GraphFeed, random_erase
-from dali_relabel.epoch import PlannedDecoder
+from dali_relabel.augment import Augmentations, random_erase
+from dali_relabel.epoch import EpochInputs, PlannedDecoder
 from dali_relabel.image_files import (IMAGE_EXTENSIONS, check_image_files, find_images,
                                       read_image_sizes)
 from dali_relabel.mixing import (MIXUP_MODES, Mixer, Mixing, check_label_smoothing,
@@ -377,17 +377,15 @@ class ReLabelLoader:
         self.dataset = LoaderDataset(self.image_root, self.store.classes, len(rows))
         self.sampler = EpochSampler(self.set_epoch, self.planner.shard_size)
         in_graph = self.augment.in_graph
-        self._augment_feed = GraphFeed(self.augment.graph_inputs, batch_size)
         self._decoder = PlannedDecoder(
             image_root=self.image_root, labelmaps=self.store.path, paths=self.store.paths,
-            sizes=self.planner.sizes, check_sizes=check_sizes,
+            sizes=self.planner.sizes, check_sizes=check_sizes, following=self._epoch_inputs,
             decoder_device="mixed" if device_id is not None else "cpu", image_size=image_size,
             mean=mean, std=std, dtype=dali_image_dtype(dtype),
             channels_last=channels_last, adjust_orientation=adjust_orientation,
             jpeg_fancy_upsampling=jpeg_fancy_upsampling, batch_size=batch_size,
             num_threads=num_threads or cpu_share(), device_id=device_id,
             prefetch_queue_depth=prefetch, augment=self.augment if in_graph else None,
-            augment_source=self._augment_feed if in_graph else None,
             enable_conditionals=in_graph)
         self._epoch, self._batches_done = 0, 0
         # The whole plan of the epoch being iterated (host arrays), for code that needs a
@@ -440,28 +438,31 @@ class ReLabelLoader:
         if self._running:  # the previous iteration stopped early: next epoch
             self._epoch, self._batches_done = self._epoch + 1, 0
         self._running, self._resuming = True, False
-        plan = self.plan = self.planner.plan(self._epoch)
-        extras = self._plan_extras(plan)
-        plan = plan.skip(self._batches_done)
+        # The decoder has planned the next epoch already, unless this one resumes.
+        ahead = self._decoder.ahead(self._epoch) if self._batches_done == 0 else None
+        self.plan, extras = ahead or self._epoch_inputs(self._epoch)
+        plan = self.plan.skip(self._batches_done)
+        start = self._batches_done * self.planner.batch_size
         if len(plan.rows):
-            self._augment_feed.plan = extras
-            for images, samples in self._decoder.run(plan):
+            extras = {name: value[start:] for name, value in extras.items()}
+            for images, samples in self._decoder.run((plan, extras)):
                 self._batches_done += 1
                 yield self._batch(images, plan.boxes[samples], plan.flips[samples],
                                   plan.rows[samples],
                                   {name: value[samples] for name, value in extras.items()})
         self._epoch, self._batches_done, self._running = self._epoch + 1, 0, False
 
-    def _plan_extras(self, plan: EpochPlan) -> Dict[str, np.ndarray]:
-        """The epoch's augmentation and mixing draws (seeded by seed, rank and epoch, apart
-        from the crops), without the batches a resumed epoch skips."""
-        planner, n = self.planner, len(plan.rows)
-        rng = np.random.default_rng([planner.seed, planner.shard_id, plan.epoch, 1])
-        extras = self.augment.plan(n, self.image_size, rng)
+    def _epoch_inputs(self, epoch: int) -> EpochInputs:
+        """Epoch `epoch`'s plan and its augmentation and mixing draws (seeded by seed, rank
+        and epoch, apart from the crops)."""
+        planner = self.planner
+        plan = planner.plan(epoch)
+        rng = np.random.default_rng([planner.seed, planner.shard_id, epoch, 1])
+        extras = self.augment.plan(len(plan.rows), self.image_size, rng)
         if self.mixing.enabled:
-            extras.update(self.mixing.plan(n, planner.batch_size, self.image_size, rng))
-        start = self._batches_done * planner.batch_size
-        return {name: value[start:] for name, value in extras.items()}
+            extras.update(self.mixing.plan(len(plan.rows), planner.batch_size, self.image_size,
+                                           rng))
+        return plan, extras
 
     def _batch(self, images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray,
                rows: np.ndarray, extras: Dict[str, np.ndarray]):

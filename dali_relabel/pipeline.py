@@ -41,13 +41,12 @@ def train_pipeline(plan_source: Callable, *, decoder_device: str, image_size: in
                    augment_source: Optional[Callable] = None):
     """Training graph: the planned files and windows in; images, rows (and sizes) out.
 
-    One graph serves every epoch: `plan_source` says what to read, batch by batch, and ends
-    each epoch by raising StopIteration. With augmentations in the graph, build it with
-    ``enable_conditionals=True``.
+    One graph serves every epoch: `plan_source` says what to read, batch by batch, epoch
+    after epoch. With augmentations in the graph, build it with ``enable_conditionals=True``.
 
     Args:
-        plan_source: ``plan_source(iteration)`` returns batch `iteration` of the current
-            epoch as five lists or arrays: file paths (utf-8 bytes, uint8 [length] each), anchors
+        plan_source: ``plan_source(iteration)`` returns DALI iteration `iteration`'s batch
+            as five lists or arrays: file paths (utf-8 bytes, uint8 [length] each), anchors
             (y, x) int32 [2], shapes (h, w) int32 [2], flips int32 scalars and label-map rows
             int64 scalars.
         decoder_device: "mixed" (GPU decoding) or "cpu".

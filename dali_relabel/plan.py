@@ -107,7 +107,10 @@ class EpochPlan:
         return slice(index * self.batch_size, (index + 1) * self.batch_size)
 
     def skip(self, batches: int) -> EpochPlan:
-        """The plan without its first `batches` batches (what a resumed epoch has left)."""
+        """The plan without its first `batches` batches (what a resumed epoch has left);
+        the plan itself for 0."""
+        if batches == 0:
+            return self
         start = batches * self.batch_size
         return dataclasses.replace(self, rows=self.rows[start:], windows=self.windows[start:],
                                    flips=self.flips[start:], boxes=self.boxes[start:],

@@ -172,6 +172,47 @@ def test_same_seed_same_batches_and_resume_mid_epoch(dataset):
         ReLabelLoader(root, store_path, 5, **kwargs).load_state_dict(state)
 
 
+def assert_same_batches(want, got):
+    assert len(want) == len(got)
+    for a, b in zip(want, got):
+        assert torch.equal(a.sample_index, b.sample_index)
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.flip, b.flip)
+        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(drop_last=True),
+    # A short last batch, then the next epoch's full one; parameters planned for the graph.
+    dict(drop_last=False, color_jitter=0.4, auto_augment="ta_wide", mixup_alpha=0.8),
+], ids=["full-batches", "short-last-batch-graph-augmentations-mixup"])
+def test_epochs_run_on_in_one_graph_as_fresh_loaders_give_them(dataset, kwargs):
+    """The graph decodes the next epoch's first batches while the loop takes the last ones
+    (no pipeline is built between epochs once the size check is done), and every epoch is
+    what a new loader set to that epoch yields; set_epoch elsewhere builds anew."""
+    root, store_path = dataset
+    kwargs = dict(device="cpu", image_size=24, seed=3, return_meta=True, num_threads=2,
+                  **kwargs)
+    loader = ReLabelLoader(root, store_path, 8, **kwargs)
+    assert len(loader) == (3 if kwargs["drop_last"] else 4)
+    epochs, pipelines = [], []
+    for _ in range(4):
+        epochs.append(collect(loader))
+        pipelines.append(loader._decoder._iterator)
+        assert loader._decoder.ahead(loader.epoch) is not None  # the next one is under way
+    # Epoch 0 checks the sizes and the graph is built again without the check for epoch 1.
+    assert pipelines[1] is pipelines[2] is pipelines[3]
+    for epoch, batches in enumerate(epochs):
+        fresh = ReLabelLoader(root, store_path, 8, **kwargs)
+        fresh.set_epoch(epoch)
+        assert_same_batches(collect(fresh), batches)
+    loader.set_epoch(7)
+    jumped = collect(loader)
+    assert loader._decoder._iterator is not pipelines[3]
+    fresh = ReLabelLoader(root, store_path, 8, **kwargs)
+    fresh.set_epoch(7)
+    assert_same_batches(collect(fresh), jumped)
+
+
 def test_epoch_left_early_counts_as_done(dataset):
     root, store_path = dataset
     loader = ReLabelLoader(root, store_path, 6, device="cpu", image_size=16, return_meta=True,
