@@ -288,7 +288,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             *data_args, "--source", source, "--device", device.type, "--out", out,
             "--methods", "official,plain_dali,relabel_loader", "--rounds",
             "1" if args.quick else "3", "--wait-idle", "0" if args.quick else "30",
-            *(["--batches", "2", "--warmup", "1", "--retries", "0"] if args.quick else [])])
+            *(["--batches", "2", "--warmup", "1", "--retries", "0", "--pairs", "3",
+               "--segment-batches", "1"] if args.quick else ["--pairs", "60"])])
     warmup, batches = (1, 2) if args.quick else (4, 12)
     loader_timing = dict(
         {f"{name}_images_per_s": row["images_per_s"] for name, row in bench["methods"].items()},

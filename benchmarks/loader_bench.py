@@ -16,9 +16,10 @@ same JPEG files, with the same number of CPU threads / DataLoader workers W = T:
                       fn.resize(224, antialias) -> fn.crop_mirror_normalize (random flip) ->
                       DALIGenericIterator
   (c) ReLabelLoader   dali_relabel.ReLabelLoader over the same images with an HDF5 store of the
-                      same maps (with /sizes): the epoch plan fixes every window on the host,
-                      DALI ROI-decodes it, LabelPooling makes the targets; the same decoder
-                      settings as (b). ReLabel's cost is 1 - (c) / (b), measured in
+                      same maps (with /sizes): the epoch plan fixes the order and every window
+                      on the host, a file reader reads the files in plan order, DALI
+                      ROI-decodes the windows, LabelPooling makes the targets; the same
+                      decoder settings as (b). ReLabel's cost is 1 - (c) / (b), measured in
                       paired segments (below).
   (d) bare decode     a DALI pipeline that only reads and decodes the JPEGs (no crop, no
                       resize) on the same T threads; for reference also PIL decoding
@@ -929,9 +930,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         help="pairs of interleaved segments of ReLabelLoader and the plain DALI "
                              "graph that measure ReLabel's cost; 0: none (default: 150)")
     parser.add_argument("--segment-batches", type=int, default=18,
-                        help="timed batches per segment, after the prefetched ones (default: "
-                             "18; with the 2 prefetched, 5 segments make an epoch of 6400 "
-                             "images at B=64, so no timed batch spans an epoch restart)")
+                        help="timed batches per segment, after the 2 its loader prefetched "
+                             "while the other one ran (default: 18, about a second)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset to run (default: {','.join(METHODS)})")
     parser.add_argument("--source", choices=("photos", "synthetic"), default="photos",
@@ -980,10 +980,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                        "the timing includes an epoch restart", args.warmup, args.batches,
                        per_epoch)
     paired = args.pairs > 0 and set(PAIRED) <= set(methods)
-    if paired and per_epoch % (SEGMENT_DRAIN + args.segment_batches):
-        logger.warning("%d prefetched + %d timed batches do not divide an epoch (%d batches): "
-                       "some segments include an epoch restart", SEGMENT_DRAIN,
-                       args.segment_batches, per_epoch)
     torch.set_num_threads(args.threads)
     # Recorded only: the 1-minute average lags; each timed run instead waits for an idle
     # machine and measures the CPU other processes take while it runs (/proc/stat).

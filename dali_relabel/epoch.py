@@ -1,18 +1,18 @@
-"""The DALI side of the training loader: one pipeline that decodes what the plan says.
+"""The DALI side of the training loader: a pipeline per epoch that decodes what the plan says.
 
-``PlannedDecoder`` feeds one training graph the epoch plans, batch by batch, through external
-sources (file paths, windows, flips, rows and the planned augmentation parameters). Epochs
-follow one another as they do from a DALI reader: while the training loop takes an epoch's
-last batches, the graph already decodes the next epoch's first ones, planned ahead. An epoch
-other than the next (``set_epoch`` elsewhere, a resumed position, an epoch left early) builds
-the pipeline anew. Until one whole epoch (not a resumed one) has run to its end, the graph
-also reports every image's size, checked against the plan's; then it is built once more
-without that operator and output, which cost throughput. When DALI fails, it knows which
-files the batches in flight hold, finds the culprits and names them.
+``PlannedDecoder`` builds each epoch's pipeline with the epoch's files, in plan order, in a
+DALI file reader, which reads them ahead in its own thread, and the planned windows, flips,
+rows and augmentation parameters in an external source. Epochs follow one another without a
+pause: a few batches before an epoch ends, the next epoch is planned and its pipeline starts
+decoding, so the training loop finds its first batches ready. An epoch other than the next
+(``set_epoch`` elsewhere, a resumed position, an epoch left early) starts from a new
+pipeline. Until one whole epoch (not a resumed one) has run to its end, the graph also
+reports every image's size, checked against the plan's; later pipelines leave out that
+operator and output, which cost throughput. When DALI fails, it knows which files the
+batches in flight hold, finds the culprits and names them.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -43,85 +43,40 @@ class PlanMismatchError(ValueError):
 
 
 class _PlanFeed:
-    """The graph's external sources: the batches of consecutive epochs.
+    """An epoch pipeline's external sources: batch i of the plan, StopIteration at its end.
 
-    DALI asks for its iteration i; past the end of the last epoch it holds, the feed takes the
-    next epoch's plan from `following`, so that decoding runs on into it.
-
-    A batch's paths go to DALI as one uint8 array [n, length] rather than n arrays: DALI
-    converts a list one sample at a time in Python, which cost more of the main thread than
-    the targets do. Shorter paths are padded with slashes between the image root and the
-    relative path, which POSIX reads as one.
+    A short last batch (drop_last=False) is padded with its last sample to a whole batch, as
+    the file reader pads it; the decoder drops the padding.
     """
 
-    _SLASH = ord("/")
-
-    def __init__(self, image_root: str, paths: list[str], graph_names: list[str],
-                 following: Callable[[int], EpochInputs], depth: int) -> None:
-        self._root = np.frombuffer(os.path.join(os.path.abspath(image_root), "").encode(),
-                                   dtype=np.uint8)
-        self._paths = paths
+    def __init__(self, inputs: EpochInputs, graph_names: list[str]) -> None:
+        self._plan, self._draws = inputs
         self._graph_names = graph_names
-        self._following = following
-        # (first iteration, plan, draws) of the epochs DALI may still ask for or the loop
-        # still takes: each has a batch at least, and DALI runs `depth` iterations ahead.
-        self._epochs: collections.deque = collections.deque(maxlen=depth + 2)
 
-    def start(self, inputs: EpochInputs) -> None:
-        """Iteration 0 (of a new pipeline) is the first batch of `inputs`."""
-        self._epochs.clear()
-        self._epochs.append((0, *inputs))
-
-    def after(self, plan: EpochPlan) -> EpochInputs | None:
-        """The epoch that follows `plan`, if DALI has asked for it yet."""
-        epochs = list(self._epochs)
-        for (_, held, _), (_, *upcoming) in zip(epochs, epochs[1:]):
-            if held is plan:
-                return tuple(upcoming)
-        return None
-
-    def _locate(self, iteration: int) -> tuple[EpochPlan, dict[str, np.ndarray], int]:
-        first, plan, draws = self._epochs[-1]
-        while iteration >= first + len(plan):
-            first += len(plan)
-            plan, draws = self._following(plan.epoch + 1)
-            self._epochs.append((first, plan, draws))
-        for first, plan, draws in reversed(self._epochs):
-            if iteration >= first:
-                return plan, draws, iteration - first
-        raise AssertionError(f"DALI asked for iteration {iteration}, which the feed dropped")
-
-    def paths(self, rows: np.ndarray) -> np.ndarray:
-        """The files of `rows` as padded uint8 [n, length] absolute paths."""
-        names = [self._paths[row].encode() for row in rows]
-        lengths = np.fromiter(map(len, names), dtype=np.int64, count=len(names))
-        root, longest = len(self._root), int(lengths.max())
-        files = np.full((len(names), root + longest), self._SLASH, dtype=np.uint8)
-        files[:, :root] = self._root
-        # Each name ends its row; a boolean mask fills row by row, in the order of the join.
-        ends = np.arange(longest) >= (longest - lengths)[:, None]
-        files[:, root:][ends] = np.frombuffer(b"".join(names), dtype=np.uint8)
-        return files
+    def _samples(self, iteration: int) -> np.ndarray:
+        plan = self._plan
+        if iteration >= len(plan):
+            raise StopIteration
+        samples = plan.batch(iteration)
+        index = np.arange(samples.start, samples.start + plan.batch_size)
+        return np.minimum(index, samples.stop - 1)
 
     def plan_batch(self, iteration: int) -> tuple[np.ndarray, ...]:
-        """Files, anchors (y, x), shapes (h, w), flips and rows of DALI's `iteration`."""
-        plan, _, batch = self._locate(iteration)
-        samples = plan.batch(batch)
-        rows = plan.rows[samples]
-        windows = plan.windows[samples]
-        return (self.paths(rows), np.ascontiguousarray(windows[:, :2]),
-                np.ascontiguousarray(windows[:, 2:]), plan.flips[samples].astype(np.int32),
-                rows)
+        """Anchors (y, x), shapes (h, w), flips and rows of batch `iteration`."""
+        samples = self._samples(iteration)
+        windows = self._plan.windows[samples]
+        return (np.ascontiguousarray(windows[:, :2]), np.ascontiguousarray(windows[:, 2:]),
+                self._plan.flips[samples].astype(np.int32), self._plan.rows[samples])
 
     def graph_batch(self, iteration: int) -> tuple[np.ndarray, ...]:
-        """The planned augmentation parameters the graph takes, for DALI's `iteration`."""
-        plan, draws, batch = self._locate(iteration)
-        samples = plan.batch(batch)
-        return tuple(np.ascontiguousarray(draws[name][samples]) for name in self._graph_names)
+        """The planned augmentation parameters the graph takes, for batch `iteration`."""
+        samples = self._samples(iteration)
+        return tuple(np.ascontiguousarray(self._draws[name][samples])
+                     for name in self._graph_names)
 
 
 class PlannedDecoder:
-    """Decodes epoch plans with one DALI pipeline.
+    """Decodes epoch plans, one DALI pipeline per epoch, the next started ahead.
 
     Args:
         image_root: The folder the store's paths are relative to.
@@ -130,8 +85,8 @@ class PlannedDecoder:
         sizes (ndarray[N, 2]): The sizes the plans are made with, by row.
         check_sizes: Compare every decoded image's size with the planned one until a whole
             epoch has run to its end (every image this rank decoded in it has been checked).
-        following: ``following(epoch)`` plans epoch `epoch` whole: the graph decodes its
-            first batches while the loop takes the previous epoch's last ones.
+        following: ``following(epoch)`` plans epoch `epoch` whole: its pipeline starts
+            while the loop takes the previous epoch's last batches.
         pipeline_args: The rest of `train_pipeline`'s arguments (batch size, threads,
             augmentations, ...).
     """
@@ -144,74 +99,85 @@ class PlannedDecoder:
         self._paths = paths
         self._sizes = sizes
         self._check_sizes = check_sizes  # cleared when a whole epoch ends, every size checked
+        self._following = following
+        self._pipeline_args = pipeline_args
         self._prefetch = pipeline_args.get("prefetch_queue_depth", 2)
         augment = pipeline_args.get("augment")
-        graph_names = list(augment.graph_inputs) if augment is not None else []
-        self._feed = _PlanFeed(image_root, paths, graph_names, following, self._prefetch)
-        self._pipeline_args = dict(
-            pipeline_args, augment_source=self._feed.graph_batch if graph_names else None)
-        self._iterator: DALIGenericIterator | None = None
-        # The epoch the graph decodes after the last one taken whole, if it does.
-        self._upcoming: EpochInputs | None = None
+        self._graph_names = list(augment.graph_inputs) if augment is not None else []
+        # The next epoch, planned, and its pipeline, started.
+        self._upcoming: tuple[EpochInputs, DALIGenericIterator] | None = None
 
     @property
     def checking_sizes(self) -> bool:
-        """Whether the graph still reports the decoded sizes for the check."""
+        """Whether the pipelines still report the decoded sizes for the check."""
         return self._check_sizes
 
     def ahead(self, epoch: int) -> EpochInputs | None:
-        """Epoch `epoch` whole, planned, if the graph already decodes it."""
-        if self._upcoming is not None and self._upcoming[0].epoch == epoch:
-            return self._upcoming
+        """Epoch `epoch` whole, planned, if its pipeline has started."""
+        if self._upcoming is not None and self._upcoming[0][0].epoch == epoch:
+            return self._upcoming[0]
         return None
 
-    def _start(self, inputs: EpochInputs) -> None:
-        upcoming, self._upcoming = self._upcoming, None
-        if self._iterator is not None and upcoming is not None and upcoming[0] is inputs[0]:
-            return
-        # Not the epoch the graph runs on into (or none yet): build the pipeline anew.
-        self._iterator = None
-        self._feed.start(inputs)
-        pipe = train_pipeline(self._feed.plan_batch, check_sizes=self._check_sizes,
-                              **self._pipeline_args)
+    def _open(self, inputs: EpochInputs, check_sizes: bool) -> DALIGenericIterator:
+        """Builds and starts the pipeline of `inputs` (its first batches get decoded)."""
+        feed = _PlanFeed(inputs, self._graph_names)
+        root = self._image_root
+        files = [os.path.join(root, self._paths[row]) for row in inputs[0].rows]
+        pipe = train_pipeline(
+            files, feed.plan_batch, check_sizes=check_sizes,
+            augment_source=feed.graph_batch if self._graph_names else None,
+            **self._pipeline_args)
         pipe.build()
-        outputs = ["images", "rows"] + (["sizes"] if self._check_sizes else [])
-        # The feed never ends; run() takes each epoch's batches. PARTIAL passes a short last
-        # batch (drop_last=False) through as it is.
-        self._iterator = DALIGenericIterator([pipe], outputs, auto_reset=False,
-                                             last_batch_policy=LastBatchPolicy.PARTIAL,
-                                             prepare_first_batch=False)
+        outputs = ["images", "rows"] + (["sizes"] if check_sizes else [])
+        # The feed ends the epoch (StopIteration), so the pipeline decodes nothing past it.
+        return DALIGenericIterator([pipe], outputs, auto_reset=False,
+                                   last_batch_policy=LastBatchPolicy.PARTIAL,
+                                   prepare_first_batch=True)
 
     def run(self, inputs: EpochInputs) -> Iterator[tuple[torch.Tensor, slice]]:
         """Yields (images as DALI made them, the plan's samples of that batch) for every
         batch of the plan in `inputs`."""
         plan = inputs[0]
+        upcoming, self._upcoming = self._upcoming, None
         batches = 0
         try:
-            self._start(inputs)
+            if upcoming is not None and upcoming[0][0] is plan:
+                iterator = upcoming[1]
+            else:
+                del upcoming  # another epoch's pipeline: stop it before starting this one
+                iterator = self._open(inputs, self._check_sizes)
             while batches < len(plan):
-                out = next(self._iterator)[0]
+                out = next(iterator)[0]
                 samples = plan.batch(batches)
-                rows = out["rows"].view(-1).numpy()
+                count = samples.stop - samples.start  # without the padding of a short batch
+                rows = out["rows"].view(-1).numpy()[:count]
                 assert np.array_equal(rows, plan.rows[samples]), "DALI left the plan"
-                if self._check_sizes:
-                    self._compare_sizes(out["sizes"][:, :2].numpy(), rows)
                 batches += 1
-                yield out["images"], samples
+                if self._check_sizes:
+                    self._compare_sizes(out["sizes"][:count, :2].numpy(), rows)
+                    if batches == len(plan) and not plan.skipped:
+                        # A whole epoch decoded at the planned sizes: the files are the
+                        # ones /sizes describes. The next pipeline leaves out the check.
+                        self._check_sizes = False
+                if self._upcoming is None and len(plan) - batches <= self._prefetch:
+                    self._start_following(plan)
+                yield out["images"][:count], samples
         except RuntimeError as error:
-            self._iterator = None
             raise RuntimeError(self._diagnose(plan, batches, error)) from error
-        self._upcoming = self._feed.after(plan)
-        if self._check_sizes and not plan.skipped:
-            # A whole epoch decoded at the planned sizes: the files are the ones /sizes
-            # describes. The next epoch builds the graph without the check.
-            self._check_sizes = False
-            self._iterator = None
+        finally:
+            if batches < len(plan):  # left early or failed: the next epoch starts anew
+                self._upcoming = None
+
+    def _start_following(self, plan: EpochPlan) -> None:
+        """Plans the epoch after `plan` and starts its pipeline, while this one decodes its
+        last batches. It leaves out the size check if this whole epoch completes it."""
+        inputs = self._following(plan.epoch + 1)
+        check = self._check_sizes and bool(plan.skipped)
+        self._upcoming = inputs, self._open(inputs, check)
 
     def _compare_sizes(self, decoded: np.ndarray, rows: np.ndarray) -> None:
         wrong = np.flatnonzero((decoded != self._sizes[rows]).any(axis=1))
         if wrong.size:
-            self._iterator = None
             listing = ", ".join(f"{self._paths[rows[i]]} (decodes as {decoded[i].tolist()}, "
                                 f"planned {self._sizes[rows[i]].tolist()})"
                                 for i in wrong[:_SHOWN])

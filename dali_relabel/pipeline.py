@@ -1,11 +1,12 @@
 """DALI pipelines for ReLabel training and validation.
 
 The training graph does no random work of its own: the loader's epoch plan fixes the order
-of the files, every crop window and every flip before DALI runs. The graph reads the planned
-files (in DALI's threads), ROI-decodes exactly the planned window ("mixed" on a GPU, "cpu"
-otherwise), resizes, flips as planned and normalizes, so the ReLabel targets pooled from the
-planned boxes describe exactly the decoded pixels. Optional augmentations (``augment.py``) run
-between the resize and the normalization, with parameters planned on the host as well.
+of the files, every crop window and every flip before DALI runs. A file reader reads the
+epoch's files in plan order, ahead, in its own thread; the decoder ROI-decodes exactly the
+planned window ("mixed" on a GPU, "cpu" otherwise), then the graph resizes, flips as planned
+and normalizes, so the ReLabel targets pooled from the planned boxes describe exactly the
+decoded pixels. Optional augmentations (``augment.py``) run between the resize and the
+normalization, with parameters planned on the host as well.
 """
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -34,21 +35,20 @@ def _normalize(images, *, flip, mean, std: Sequence[float], dtype, channels_last
 
 
 @pipeline_def
-def train_pipeline(plan_source: Callable, *, decoder_device: str, image_size: int,
-                   mean: Sequence[float], std: Sequence[float], dtype, channels_last: bool,
-                   adjust_orientation: bool, jpeg_fancy_upsampling: bool, check_sizes: bool,
-                   augment: Optional[Augmentations] = None,
+def train_pipeline(files: Sequence[str], plan_source: Callable, *, decoder_device: str,
+                   image_size: int, mean: Sequence[float], std: Sequence[float], dtype,
+                   channels_last: bool, adjust_orientation: bool, jpeg_fancy_upsampling: bool,
+                   check_sizes: bool, augment: Optional[Augmentations] = None,
                    augment_source: Optional[Callable] = None):
-    """Training graph: the planned files and windows in; images, rows (and sizes) out.
-
-    One graph serves every epoch: `plan_source` says what to read, batch by batch, epoch
-    after epoch. With augmentations in the graph, build it with ``enable_conditionals=True``.
+    """Training graph of one epoch: its files and planned windows in; images, rows (and
+    sizes) out. With augmentations in the graph, build it with ``enable_conditionals=True``.
 
     Args:
-        plan_source: ``plan_source(iteration)`` returns DALI iteration `iteration`'s batch
-            as five lists or arrays: file paths (utf-8 bytes, uint8 [length] each), anchors
-            (y, x) int32 [2], shapes (h, w) int32 [2], flips int32 scalars and label-map rows
-            int64 scalars.
+        files: The epoch's image files, in plan order. A last batch short of `batch_size`
+            is padded with its last file.
+        plan_source: ``plan_source(iteration)`` returns batch `iteration` of the plan, padded
+            as `files` is, as four arrays: anchors (y, x) int32 [n, 2], shapes (h, w) int32
+            [n, 2], flips int32 [n] and label-map rows int64 [n]; StopIteration at its end.
         decoder_device: "mixed" (GPU decoding) or "cpu".
         image_size: Side of the square output images.
         mean: Per-channel mean to subtract, 0-255 scale.
@@ -65,11 +65,11 @@ def train_pipeline(plan_source: Callable, *, decoder_device: str, image_size: in
         augment_source: ``augment_source(iteration)`` returns batch `iteration` of the
             planned augmentation parameters, ``augment.graph_inputs`` in order.
     """
-    path, anchor, shape, flip, row = fn.external_source(
-        source=plan_source, num_outputs=5, batch=True,
-        dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT64],
-        ndim=[1, 1, 1, 0, 0])
-    jpegs = fn.io.file.read(path, dont_use_mmap=True)
+    jpegs, _ = fn.readers.file(files=list(files), random_shuffle=False, pad_last_batch=True,
+                               dont_use_mmap=True, name=READER_NAME)
+    anchor, shape, flip, row = fn.external_source(
+        source=plan_source, num_outputs=4, batch=True,
+        dtype=[types.INT32, types.INT32, types.INT32, types.INT64], ndim=[1, 1, 0, 0])
     images = fn.decoders.image_slice(
         jpegs, anchor, shape, axis_names="HW", normalized_anchor=False,
         normalized_shape=False, device=decoder_device, output_type=types.RGB,

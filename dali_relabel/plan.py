@@ -104,7 +104,7 @@ class EpochPlan:
     def batch(self, index: int) -> slice:
         """The samples of batch `index`."""
         assert 0 <= index < len(self), (index, len(self))
-        return slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return slice(index * self.batch_size, min((index + 1) * self.batch_size, len(self.rows)))
 
     def skip(self, batches: int) -> EpochPlan:
         """The plan without its first `batches` batches (what a resumed epoch has left);

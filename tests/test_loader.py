@@ -186,31 +186,32 @@ def assert_same_batches(want, got):
     dict(drop_last=False, color_jitter=0.4, auto_augment="ta_wide", mixup_alpha=0.8),
 ], ids=["full-batches", "short-last-batch-graph-augmentations-mixup"])
 def test_epochs_run_on_in_one_graph_as_fresh_loaders_give_them(dataset, kwargs):
-    """The graph decodes the next epoch's first batches while the loop takes the last ones
-    (no pipeline is built between epochs once the size check is done), and every epoch is
-    what a new loader set to that epoch yields; set_epoch elsewhere builds anew."""
+    """The next epoch's pipeline starts while the loop takes an epoch's last batches, and
+    every epoch is what a new loader set to that epoch yields; set_epoch elsewhere, or an
+    epoch left early, starts anew."""
     root, store_path = dataset
     kwargs = dict(device="cpu", image_size=24, seed=3, return_meta=True, num_threads=2,
                   **kwargs)
     loader = ReLabelLoader(root, store_path, 8, **kwargs)
     assert len(loader) == (3 if kwargs["drop_last"] else 4)
-    epochs, pipelines = [], []
+    epochs = []
     for _ in range(4):
         epochs.append(collect(loader))
-        pipelines.append(loader._decoder._iterator)
         assert loader._decoder.ahead(loader.epoch) is not None  # the next one is under way
-    # Epoch 0 checks the sizes and the graph is built again without the check for epoch 1.
-    assert pipelines[1] is pipelines[2] is pipelines[3]
     for epoch, batches in enumerate(epochs):
         fresh = ReLabelLoader(root, store_path, 8, **kwargs)
         fresh.set_epoch(epoch)
         assert_same_batches(collect(fresh), batches)
     loader.set_epoch(7)
+    assert loader._decoder.ahead(7) is None
     jumped = collect(loader)
-    assert loader._decoder._iterator is not pipelines[3]
     fresh = ReLabelLoader(root, store_path, 8, **kwargs)
     fresh.set_epoch(7)
     assert_same_batches(collect(fresh), jumped)
+    next(iter(loader))  # epoch 8 left early: epoch 9 starts anew, as planned
+    assert loader._decoder.ahead(9) is None
+    fresh.set_epoch(9)
+    assert_same_batches(collect(fresh), collect(loader))
 
 
 def test_epoch_left_early_counts_as_done(dataset):
@@ -414,8 +415,8 @@ def test_untidy_imagenet_files_decode_to_rgb(tmp_path, adjust_orientation):
 
 
 def test_paths_of_any_length_depth_and_script_read_their_own_file(tmp_path, monkeypatch):
-    """The loader sends a batch's paths to DALI padded to one length: names of different
-    lengths, depths and scripts, under a relative image root, each decode their own file."""
+    """Names of different lengths, depths and scripts, under a relative image root, each
+    decode their own file."""
     relative = ["a.jpg", "n01/b.JPEG", "n01/deeper/still/c with spaces.jpeg",
                 "ñandú/éclair-日本.JPEG", "n01/" + "long" * 40 + ".JPEG"]
     rng = np.random.default_rng(11)
