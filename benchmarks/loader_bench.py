@@ -36,8 +36,9 @@ generated once into a cache folder with their label maps (one `.pt` file per ima
 HDF5 store for (c), same values) and reused while the generation parameters match. Every file is
 read once before timing (warm page cache); warm-up batches (a whole first epoch, then a few)
 are not timed, so every method is timed in its second epoch; each method runs alone
-(the others' workers and threads are shut down). Rounds alternate the methods, so that noise
-of a shared machine hits them alike, and the median round counts. Each timed run first waits
+(the others' workers and threads are shut down). Rounds alternate the methods, each round
+starting one method later, so that noise of a shared machine hits them alike, and the median
+round counts. Each timed run first waits
 for the machine to be idle, measures the CPU that processes outside the benchmark take
 meanwhile (/proc/stat, any PID namespace), and is repeated when that exceeds --max-other-cpu;
 the JSON records it per method.
@@ -1002,7 +1003,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     logger.info("page cache warmed: read %.1f MB", warmed / 1e6)
 
     rounds: Dict[str, List[Dict]] = {m: [] for m in methods}
-    runs = [(r, m) for r in range(args.rounds) for m in methods]
+    # Each round starts one method later, so that no method always follows the same one.
+    runs = [(r, m) for r in range(args.rounds)
+            for m in methods[r % len(methods):] + methods[:r % len(methods)]]
     for _, name in tqdm(runs, desc="loader_bench", unit="run"):
         rounds[name].append(run_clean(name, data, args, device))
     rows = {}

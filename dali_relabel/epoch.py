@@ -152,13 +152,13 @@ class PlannedDecoder:
                 count = samples.stop - samples.start  # without the padding of a short batch
                 rows = out["rows"].view(-1).numpy()[:count]
                 assert np.array_equal(rows, plan.rows[samples]), "DALI left the plan"
-                batches += 1
                 if self._check_sizes:
                     self._compare_sizes(out["sizes"][:count, :2].numpy(), rows)
-                    if batches == len(plan) and not plan.skipped:
+                    if batches + 1 == len(plan) and not plan.skipped:
                         # A whole epoch decoded at the planned sizes: the files are the
                         # ones /sizes describes. The next pipeline leaves out the check.
                         self._check_sizes = False
+                batches += 1
                 if self._upcoming is None and len(plan) - batches <= self._prefetch:
                     self._start_following(plan)
                 yield out["images"][:count], samples
