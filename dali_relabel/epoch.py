@@ -139,7 +139,7 @@ class PlannedDecoder:
         batch of the plan in `inputs`."""
         plan = inputs[0]
         upcoming, self._upcoming = self._upcoming, None
-        batches = 0
+        batches, started, tried = 0, None, False
         try:
             if upcoming is not None and upcoming[0][0] is plan:
                 iterator = upcoming[1]
@@ -159,21 +159,31 @@ class PlannedDecoder:
                         # ones /sizes describes. The next pipeline leaves out the check.
                         self._check_sizes = False
                 batches += 1
-                if self._upcoming is None and len(plan) - batches <= self._prefetch:
-                    self._start_following(plan)
+                if not tried and len(plan) - batches <= self._prefetch:
+                    tried, started = True, self._start_following(plan)
+                    self._upcoming = started
                 yield out["images"][:count], samples
         except RuntimeError as error:
             raise RuntimeError(self._diagnose(plan, batches, error)) from error
         finally:
-            if batches < len(plan):  # left early or failed: the next epoch starts anew
-                self._upcoming = None
+            if batches < len(plan) and self._upcoming is started:
+                self._upcoming = None  # left early or failed: the next epoch starts anew
 
-    def _start_following(self, plan: EpochPlan) -> None:
+    def _start_following(self, plan: EpochPlan
+                         ) -> tuple[EpochInputs, DALIGenericIterator] | None:
         """Plans the epoch after `plan` and starts its pipeline, while this one decodes its
-        last batches. It leaves out the size check if this whole epoch completes it."""
+        last batches. It leaves out the size check if this whole epoch completes it.
+
+        A failure there belongs to the next epoch: that epoch then starts anew and reports
+        it, naming the files.
+        """
         inputs = self._following(plan.epoch + 1)
         check = self._check_sizes and bool(plan.skipped)
-        self._upcoming = inputs, self._open(inputs, check)
+        try:
+            return inputs, self._open(inputs, check)
+        except RuntimeError as error:
+            logger.debug("epoch %d could not start ahead: %s", plan.epoch + 1, error)
+            return None
 
     def _compare_sizes(self, decoded: np.ndarray, rows: np.ndarray) -> None:
         wrong = np.flatnonzero((decoded != self._sizes[rows]).any(axis=1))

@@ -435,11 +435,14 @@ class ReLabelLoader:
         return self.planner.order(epoch)
 
     def __iter__(self) -> Iterator[Union[Tuple[torch.Tensor, ...], ReLabelBatch]]:
+        whole = True  # the previous iteration, if any, took every batch of its epoch
         if self._running:  # the previous iteration stopped early: next epoch
+            whole = self._batches_done == len(self)
             self._epoch, self._batches_done = self._epoch + 1, 0
         self._running, self._resuming = True, False
-        # The decoder has planned the next epoch already, unless this one resumes.
-        ahead = self._decoder.ahead(self._epoch) if self._batches_done == 0 else None
+        # The decoder has started the next epoch already, unless this one resumes or the
+        # last one was left before its end.
+        ahead = self._decoder.ahead(self._epoch) if whole and self._batches_done == 0 else None
         self.plan, extras = ahead or self._epoch_inputs(self._epoch)
         plan = self.plan.skip(self._batches_done)
         start = self._batches_done * self.planner.batch_size

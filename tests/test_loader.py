@@ -1,4 +1,5 @@
 """ReLabelLoader and ValLoader on real JPEGs through real CPU DALI pipelines."""
+import gc
 import os
 
 import numpy as np
@@ -212,6 +213,47 @@ def test_epochs_run_on_in_one_graph_as_fresh_loaders_give_them(dataset, kwargs):
     assert loader._decoder.ahead(9) is None
     fresh.set_epoch(9)
     assert_same_batches(collect(fresh), collect(loader))
+
+
+def test_an_epoch_left_in_its_last_batches_with_its_iterator_alive(dataset):
+    """The next epoch's pipeline, started without the size check, is not used when the
+    checking epoch was left before its end; the old iterator's end keeps the new one's."""
+    root, store_path = dataset
+    kwargs = dict(device="cpu", image_size=16, seed=4, return_meta=True, num_threads=1)
+    loader = ReLabelLoader(root, store_path, 8, **kwargs)
+    early = iter(loader)
+    next(early), next(early)  # 2 of 3 batches: the next epoch has started
+    assert loader._decoder.checking_sizes
+    batches = collect(loader)
+    assert not loader._decoder.checking_sizes  # epoch 1 ran the check to its end
+    fresh = ReLabelLoader(root, store_path, 8, **kwargs)
+    fresh.set_epoch(1)
+    assert_same_batches(collect(fresh), batches)
+    del early
+    gc.collect()
+    assert loader._decoder.ahead(2) is not None
+
+
+def test_a_bad_image_of_the_next_epoch_is_named_by_that_epoch(dataset, tmp_path):
+    """The next epoch's pipeline starts before this epoch ends; a file it fails on stops
+    neither this epoch nor goes unnamed."""
+    root, _ = dataset
+    indexed = indexed_copy(dataset, tmp_path)
+    paths = LabelMapStore.open(indexed).paths
+    for seed in range(20):  # a file in epoch 1's first batch that epoch 0 leaves out
+        probe = ReLabelLoader(root, indexed, 8, device="cpu", seed=seed)
+        left_out = set(probe.epoch_order(1)[:8]) - set(probe.epoch_order(0)[:24])
+        if left_out:
+            break
+    bad = int(min(left_out))
+    broken = linked_copy(root, paths, tmp_path / "broken")
+    os.remove(broken / paths[bad])
+    (broken / paths[bad]).write_text("not an image\n")
+    loader = ReLabelLoader(broken, indexed, 8, device="cpu", image_size=16, seed=seed,
+                           num_threads=1)
+    assert len(collect(loader)) == 3
+    with pytest.raises(RuntimeError, match=rf"{paths[bad]}: decoding failed"):
+        collect(loader)
 
 
 def test_epoch_left_early_counts_as_done(dataset):
