@@ -169,7 +169,7 @@ def time_kernel(device: torch.device, quick: bool, max_seconds: float) -> List[D
 def time_fancy_upsampling(device: torch.device, data: Dict, batch_size: int, warmup: int,
                           batches: int) -> Dict:
     """ReLabelLoader's images/s with jpeg_fancy_upsampling off and on, alternating."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = loader_bench.device_sync(device)
     rates: Dict[str, List[float]] = {"off": [], "on": []}
     for _ in range(2):
         for setting in rates:

@@ -664,6 +664,7 @@ def open_method(name: str, data: Dict, args, device: torch.device) -> Tuple[obje
 
 
 def device_sync(device: torch.device) -> Callable[[], None]:
+    """A function that waits for `device`'s queued work (nothing to wait for on the CPU)."""
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
