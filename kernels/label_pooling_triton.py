@@ -110,11 +110,18 @@ def _load_tile(values_ptr, indices_ptr, map_base, row0, col0, ay, ax, K, H, W, C
     return tl.where(ok, cls.to(tl.int32), C), weight[None, :, :] * value
 
 
-@triton.jit
+# The sizes and flags are runtime values (not specialized on 1 or on divisibility by 16, and
+# pointers not on alignment): the compiled variants are then a function of the launcher's
+# constexprs alone, one per tile shape, which the compile test enumerates for every GPU
+# target. Specializing them would gain nothing here (rows of K*H*W pairs are not aligned)
+# and multiplied the variants a process compiles at its first batches.
+@triton.jit(do_not_specialize=["K", "H", "W", "C", "S", "mode", "has_sample_index",
+                               "has_flip"],
+            do_not_specialize_on_alignment=["values_ptr", "indices_ptr", "boxes_ptr",
+                                            "sample_index_ptr", "flip_ptr", "out_ptr"])
 def _label_pooling_kernel(
     values_ptr, indices_ptr, boxes_ptr, sample_index_ptr, flip_ptr, out_ptr,
-    K, H, W, C, S,
-    HAS_SAMPLE_INDEX: tl.constexpr, HAS_FLIP: tl.constexpr, MODE: tl.constexpr,
+    K, H, W, C, S, mode, has_sample_index, has_flip,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, SAMPLES: tl.constexpr, KB: tl.constexpr,
     FH: tl.constexpr, FW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -123,12 +130,11 @@ def _label_pooling_kernel(
     b = pid // num_bins
     ph = (pid % num_bins) // S
     pw = pid % S
-    if HAS_SAMPLE_INDEX:
-        row = tl.load(sample_index_ptr + b)
-    else:
-        row = b.to(tl.int64)
+    row = b.to(tl.int64)
+    if has_sample_index != 0:
+        row = tl.load(sample_index_ptr + b).to(tl.int64)
     pw_out = pw
-    if HAS_FLIP:
+    if has_flip != 0:
         pw_out = tl.where(tl.load(flip_ptr + b) != 0, S - 1 - pw, pw)
 
     # The box in label-map cells, as the roi_align call above: x * W - 0.5.
@@ -159,14 +165,18 @@ def _label_pooling_kernel(
     best = float("-inf")
     winner = C
     first_unlisted = C
-    # Softmax walks twice (statistics, then writes), logits once (writes), argmax once
-    # (statistics; the one-hot row is written after).
-    for walk in tl.static_range(2 if MODE == 0 else 1):
+    # Softmax (mode 0) walks twice (statistics, then writes), logits (1) once (writes),
+    # argmax (2) once (statistics; the one-hot row is written after).
+    num_walks = 1
+    if mode == 0:
+        num_walks = 2
+    for walk in range(0, num_walks):
         fill = 0.0
-        if MODE == 0 and walk == 1:
+        if (mode == 0) & (walk == 1):
             # m >= 0 whenever a class is unlisted; the clamp only keeps the fill (then unused)
             # finite when every class is listed.
             fill = tl.math.div_rn(tl.exp(-tl.maximum(m, 0.0)), z_sum)
+        writing = (mode == 1) | (walk == 1)
         last = -1
         c_prev = -1
         while c_prev < C:
@@ -185,17 +195,17 @@ def _label_pooling_kernel(
                         z_t = tl.sum(tl.where(candidate == c_t, pair_t, 0.0))
                         z = tl.where(c_t == c, z + z_t, tl.where(c_t < c, z_t, z))
                         c = tl.minimum(c, c_t)
-            if (MODE == 1) or (walk == 1):
+            if writing:
                 # Write the gap last+1..c-1 and class c (at c == C: the tail of the row).
                 patch = z
-                if MODE == 0:
+                if mode == 0:
                     patch = tl.math.div_rn(tl.exp(z - m), z_sum)
                 for c0 in range(last + 1, c + 1, BLOCK_C):
                     cols = c0 + offs_c
                     tl.store(out_row + cols, tl.where(cols == c, patch, fill),
                              mask=(cols <= c) & (cols < C))
             elif c < C:
-                if MODE == 0:
+                if mode == 0:
                     m_new = tl.maximum(m, z)
                     z_sum = z_sum * tl.exp(m - m_new) + tl.exp(z - m_new)
                     m = m_new
@@ -207,16 +217,16 @@ def _label_pooling_kernel(
                                               first_unlisted)
             last = tl.where(c < C, c, last)
             c_prev = c
-        if MODE == 0 and walk == 0:
+        if (mode == 0) & (walk == 0):
             if listed < C:
                 # The C - u unlisted classes, all of logit 0.
                 m_new = tl.maximum(m, 0.0)
                 z_sum = z_sum * tl.exp(m - m_new) + (C - listed).to(tl.float32) * tl.exp(-m_new)
                 m = m_new
-        if MODE == 2:
+        if mode == 2:
             first_unlisted = tl.minimum(first_unlisted, last + 1)
 
-    if MODE == 2:
+    if mode == 2:
         # One-hot of the first maximal class of the dense row (torch.argmax's tie rule): an
         # unlisted class (logit 0) wins if no listed logit is positive and it comes first.
         take_unlisted = (first_unlisted < C) & (
@@ -288,9 +298,12 @@ def label_pooling_triton(
     values = values.contiguous()
     indices = indices.contiguous()
     boxes = boxes.to(torch.float32).contiguous()
-    # Unused pointer arguments still need a tensor; `boxes` stands in for them.
-    sample_index_arg = boxes if sample_index is None else sample_index.to(torch.int64).contiguous()
-    flip_arg = boxes if flip is None else flip.to(torch.int8).contiguous()
+    # An unused pointer argument still needs a tensor: `boxes` reinterpreted in the dtype the
+    # kernel reads stands in (no copy), so the pointer types, and with them the compiled
+    # variant, do not depend on which optional inputs are given.
+    sample_index_arg = (boxes.view(torch.int64) if sample_index is None
+                        else sample_index.to(torch.int64).contiguous())
+    flip_arg = boxes.view(torch.int8) if flip is None else flip.to(torch.int8).contiguous()
     topk_block = triton.next_power_of_2(topk)
     tile_h = _tile_side(height, output_size)
     tile_w = _tile_side(width, output_size)
@@ -302,10 +315,8 @@ def label_pooling_triton(
     tile = topk_block * tile_h * tile_w
     _label_pooling_kernel[(num_boxes * output_size * output_size,)](
         values, indices, boxes, sample_index_arg, flip_arg, out,
-        topk, height, width, num_classes, output_size,
-        HAS_SAMPLE_INDEX=sample_index is not None,
-        HAS_FLIP=flip is not None,
-        MODE=MODES[mode],
+        topk, height, width, num_classes, output_size, MODES[mode],
+        int(sample_index is not None), int(flip is not None),
         BLOCK_H=triton.next_power_of_2(height),
         BLOCK_W=triton.next_power_of_2(width),
         SAMPLES=min(32, triton.next_power_of_2(_max_grid(max(height, width), output_size))),
@@ -318,5 +329,9 @@ def label_pooling_triton(
         # No fused multiply-add: x * W - 0.5 must round as torchvision's kernel rounds it, or
         # ceil(roi / S) can pick one sample more on boxes that are whole pixels.
         enable_fp_fusion=False,
+        # Without an explicit cap ptxas keeps single-warp programs (S = 14) at 80 registers
+        # and spills to local memory (seen on sm_100, and on sm_90 with triton 3.6); they
+        # need about 90. Programs use what they need below the cap.
+        maxnreg=255,
     )
     return out
