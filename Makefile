@@ -15,7 +15,7 @@ TRITON_OLD := $(VENV)/triton-3.6
 
 venv: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml Makefile kernels/label_pooling_cpu.cpp
+$(STAMP): setup.py pyproject.toml Makefile dali_relabel/ops/kernels/label_pooling_cpu.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=23" "setuptools>=64" wheel ninja
 	$(PIP) install -q $(TORCH_PINS)
@@ -36,4 +36,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/token_targets_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info kernels/*.so
+	rm -rf $(VENV) build *.egg-info dali_relabel/ops/kernels/*.so

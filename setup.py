@@ -3,7 +3,7 @@
 The CPU LabelPooling kernel is a C++ extension compiled here against the installed torch;
 `make test` installs torch first and builds with `--no-build-isolation`.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 setup(
@@ -13,13 +13,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dali_relabel", "dali_relabel.kernels"],
-    package_dir={"dali_relabel": "dali_relabel", "dali_relabel.kernels": "kernels"},
-    package_data={"dali_relabel.kernels": ["*.cpp"]},
+    packages=find_packages(include=["dali_relabel", "dali_relabel.*"]),
+    package_data={"dali_relabel.ops.kernels": ["*.cpp"]},
     ext_modules=[
         CppExtension(
-            "dali_relabel.kernels._label_pooling_cpu",
-            ["kernels/label_pooling_cpu.cpp"],
+            "dali_relabel.ops.kernels._label_pooling_cpu",
+            ["dali_relabel/ops/kernels/label_pooling_cpu.cpp"],
             # No contraction into fused multiply-add (the default on aarch64): the box
             # arithmetic must round as torchvision's roi_align kernel does.
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],

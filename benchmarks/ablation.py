@@ -47,8 +47,8 @@ import run  # noqa: E402
 from _stats import mean_interval  # noqa: E402
 
 from dali_relabel import LabelMapStore, label_pooling  # noqa: E402
-from dali_relabel.plan import random_resized_crop_windows  # noqa: E402
-from dali_relabel.synthetic import LOGIT_SCALE, make_synthetic_imagenet  # noqa: E402
+from dali_relabel.loading.plan import random_resized_crop_windows  # noqa: E402
+from dali_relabel.tools.synthetic import LOGIT_SCALE, make_synthetic_imagenet  # noqa: E402
 
 logger = logging.getLogger("ablation")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -87,8 +87,8 @@ from nvidia.dali import pipeline_def  # noqa: E402
 
 import dali_relabel  # noqa: E402
 from dali_relabel import pipeline as relabel_pipeline  # noqa: E402
-from dali_relabel.loader import ReLabelLoader  # noqa: E402
-from dali_relabel.plan import EpochPlanner  # noqa: E402
+from dali_relabel.loading.train_loader import ReLabelLoader  # noqa: E402
+from dali_relabel.loading.plan import EpochPlanner  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

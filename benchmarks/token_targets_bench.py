@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kernel_bench import make_inputs  # noqa: E402
 
 from dali_relabel import label_pooling  # noqa: E402
-from dali_relabel.sparse_targets import (footprint, soft_target_cross_entropy,  # noqa: E402
+from dali_relabel.ops.sparse_targets import (footprint, soft_target_cross_entropy,  # noqa: E402
                                          sparse_label_pooling)
 
 logger = logging.getLogger("token_targets_bench")

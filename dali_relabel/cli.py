@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from dali_relabel._utils import check_output_path
-from dali_relabel.store import (
+from dali_relabel.files import check_output_path
+from dali_relabel.labelmaps.store import (
     LabelMapError,
     LabelMapHeader,
     open_h5,
@@ -81,8 +81,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from dali_relabel.image_files import find_images
-    from dali_relabel.verify import verify_images, write_bad_list
+    from dali_relabel.images.files import find_images
+    from dali_relabel.images.path_lists import write_bad_list
+    from dali_relabel.images.verify import verify_images
 
     check_output_path(args.out, argument="--out")
     if args.labelmaps:
@@ -107,8 +108,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _annotate(args: argparse.Namespace) -> int:
-    from dali_relabel.annotate import annotate
-    from dali_relabel.jobs import read_name_list
+    from dali_relabel.tools.annotate import annotate
+    from dali_relabel.tools.jobs import read_name_list
 
     classes = read_name_list(args.classes, argument="--classes") if args.classes else None
     annotate(args.images, args.out, model=args.model, checkpoint=args.checkpoint,
@@ -121,8 +122,8 @@ def _annotate(args: argparse.Namespace) -> int:
 
 
 def _import_pt(args: argparse.Namespace) -> int:
-    from dali_relabel.import_pt import import_pt
-    from dali_relabel.jobs import read_name_list
+    from dali_relabel.tools.import_pt import import_pt
+    from dali_relabel.tools.jobs import read_name_list
 
     classes = read_name_list(args.classes, argument="--classes") if args.classes else None
     report = import_pt(args.src, args.images, args.out, layout=args.layout, classes=classes,
@@ -140,7 +141,7 @@ def _import_pt(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from dali_relabel.show import show_labelmap
+    from dali_relabel.tools.show import show_labelmap
 
     shown = show_labelmap(args.file, args.images, args.index, args.out, box=args.box,
                           num_crops=args.crops, seed=args.seed)
@@ -149,8 +150,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from dali_relabel.image_files import read_image_sizes
-    from dali_relabel.store import add_sizes
+    from dali_relabel.images.files import read_image_sizes
+    from dali_relabel.labelmaps.store import add_sizes
 
     check_output_path(args.file, argument="FILE")
     paths = read_paths(args.file)
@@ -163,7 +164,7 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from dali_relabel.synthetic import make_synthetic_imagenet
+    from dali_relabel.tools.synthetic import make_synthetic_imagenet
 
     dataset = make_synthetic_imagenet(
         args.out, num_classes=args.classes, train_per_class=args.train_per_class,

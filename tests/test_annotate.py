@@ -20,7 +20,7 @@ from labelmap_data import KILLED_AFTER_TWO_WRITES
 
 from dali_relabel import LabelMapError, LabelMapStore
 from dali_relabel.cli import main
-from dali_relabel.store import LabelMapWriter
+from dali_relabel.labelmaps.store import LabelMapWriter
 
 MODEL = "test_resnet"  # timm's 0.4 M-parameter ResNet; stride 32
 SIZE = 128  # input side: a 4 x 4 feature map

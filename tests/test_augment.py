@@ -11,10 +11,10 @@ import torchvision.transforms.functional as TF
 from nvidia.dali import fn, pipeline_def
 from PIL import Image
 
-from dali_relabel import augment
-from dali_relabel.augment import (LIGHTING_EIGVAL, LIGHTING_EIGVEC, Augmentations,
-                                  parse_auto_augment, parse_color_jitter, random_erase)
-from dali_relabel.loader import ReLabelLoader
+from dali_relabel.augment import (Augmentations, auto_augment, color, parse_auto_augment,
+                                  parse_color_jitter, random_erase, random_erasing)
+from dali_relabel.augment.color import LIGHTING_EIGVAL, LIGHTING_EIGVEC
+from dali_relabel import ReLabelLoader
 from jpeg_data import RAW, make_jpeg_dataset, pil_crop, textured_image
 
 OFF = dict(color_jitter=None, force_color_jitter=False, lighting=0.0, auto_augment=None,
@@ -71,12 +71,12 @@ def torchvision_jitter(image, blend, hue):
 def test_color_jitter_equals_torchvision_in_the_planned_order():
     ranges = parse_color_jitter((0.4, 0.4, 0.4, 0.2))
     images = sample_images(12)
-    plan = augment._plan_color_jitter(ranges, len(images), np.random.default_rng(1))
+    plan = color.plan_color_jitter(ranges, len(images), np.random.default_rng(1))
     blend, hue = plan["jitter_blend"], plan["jitter_hue"]
     # Every sample has the four operations, in one of the orders.
     assert blend.shape == (12, 4, 3) and len({tuple(np.argmax(
         np.c_[hue[k, :, None] != 0, blend[k, :, 1:]], axis=1)) for k in range(12)}) > 3
-    got = run_graph(lambda x, b, h: augment._color_jitter(x, b, h, ranges), images, blend, hue)
+    got = run_graph(lambda x, b, h: color.color_jitter_graph(x, b, h, ranges), images, blend, hue)
     for k, image in enumerate(images):
         want = torchvision_jitter(image, blend[k], hue[k])
         # float arithmetic of the same formulas (torchvision's grey uses 0.2989 for red)
@@ -86,7 +86,7 @@ def test_color_jitter_equals_torchvision_in_the_planned_order():
 def test_color_jitter_plan_draws_torchvision_factors_and_orders():
     ranges = parse_color_jitter(0.4)
     assert ranges == ((0.6, 1.4),) * 3 + (None,)
-    plan = augment._plan_color_jitter(ranges, 30000, np.random.default_rng(2))
+    plan = color.plan_color_jitter(ranges, 30000, np.random.default_rng(2))
     blend = plan["jitter_blend"]
     assert "jitter_hue" not in plan
     factors = blend[..., 0]
@@ -150,7 +150,7 @@ def official_lighting(alphastd: float, count: int) -> np.ndarray:
 
 def test_lighting_offsets_have_the_official_distribution():
     aug = Augmentations.create(**{**OFF, "lighting": 0.1})
-    ours = aug.plan(20000, 32, np.random.default_rng(3))["lighting"] / 255.0
+    ours = aug.plan(20000, 32, np.random.default_rng(3)).lighting / 255.0
     theirs = official_lighting(0.1, 4000)
     eigvec, eigval = np.asarray(LIGHTING_EIGVEC), np.asarray(LIGHTING_EIGVAL)
     covariance = eigvec @ np.diag((0.1 * eigval) ** 2) @ eigvec.T
@@ -222,11 +222,11 @@ def test_bad_auto_augment_is_refused(config, message):
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize("name", sorted(augment._TIMM_OPS))
+@pytest.mark.parametrize("name", sorted(auto_augment._TIMM_OPS))
 def test_levels_map_to_timms_arguments(name, monkeypatch):
     """Each operation's parameter at a level (either sign) is timm's LEVEL_TO_ARG."""
     from timm.data import auto_augment as timm_aa
-    _, negated, to_param = augment._TIMM_OPS[name]
+    _, negated, to_param = auto_augment._TIMM_OPS[name]
     if to_param is None:
         assert timm_aa.LEVEL_TO_ARG[name] is None
         return
@@ -238,7 +238,7 @@ def test_levels_map_to_timms_arguments(name, monkeypatch):
             signed = -level if negate and negated else level
             ours = float(to_param(np.array([signed]))[0])
             if name.startswith("Posterize"):
-                theirs = float(augment._bits_mask(np.array([theirs]))[0])
+                theirs = float(auto_augment._bits_mask(np.array([theirs]))[0])
             assert ours == pytest.approx(theirs, abs=1e-6), (level, negate)
 
 
@@ -256,27 +256,27 @@ def test_policy_operations_act_as_timms():
     """Each operation in the DALI graph against timm's PIL operation on the same image:
     equal to the rounding for the pointwise ones, close up to the sign convention for the
     geometric ones (the random sign makes the convention irrelevant); each changes pixels."""
-    names = sorted(augment._TIMM_OPS)
-    policy = augment.AutoAugmentPolicy(
+    names = sorted(auto_augment._TIMM_OPS)
+    policy = auto_augment.AutoAugmentPolicy(
         config="test", kind="rand", names=tuple(names), layers=1,
-        sub_policies=(tuple(augment._PolicyOp(n, 1.0, 7.0) for n in names),), weights=None,
+        sub_policies=(tuple(auto_augment._PolicyOp(n, 1.0, 7.0) for n in names),), weights=None,
         magnitude_std=0.0, magnitude_max=10.0)
     blocks = (np.random.default_rng(7).random((10, 10, 3)) * 255).astype(np.uint8)
     image = np.asarray(Image.fromarray(blocks).resize((40, 40), Image.BICUBIC))  # 4-pixel detail
     image = (30 + 0.7 * image).astype(np.uint8)  # short of black and white: autocontrast acts
-    params = np.array([augment._TIMM_OPS[n][2](np.array([7.0]))[0]
-                       if augment._TIMM_OPS[n][2] else 0.0 for n in names], np.float32)
+    params = np.array([auto_augment._TIMM_OPS[n][2](np.array([7.0]))[0]
+                       if auto_augment._TIMM_OPS[n][2] else 0.0 for n in names], np.float32)
     count = len(names)
     images = [image] * (2 * count)
     ops = [np.array([k % count], np.int32) for k in range(2 * count)]
     # The second copy of each operation runs with the opposite sign where timm negates.
-    signs = [1.0] * count + [-1.0 if augment._TIMM_OPS[n][1] else 1.0 for n in names]
+    signs = [1.0] * count + [-1.0 if auto_augment._TIMM_OPS[n][1] else 1.0 for n in names]
     signed = [np.array([sign * params[k % count]], np.float32) for k, sign in enumerate(signs)]
-    out = run_graph(lambda x, o, p: augment._auto_augment(x, o, p, policy, 40, 128),
+    out = run_graph(lambda x, o, p: auto_augment.auto_augment_graph(x, o, p, policy, 40, 128),
                     images, ops, signed)
     pil = Image.fromarray(image)
     for k, name in enumerate(names):
-        kind, negated, to_param = augment._TIMM_OPS[name]
+        kind, negated, to_param = auto_augment._TIMM_OPS[name]
         value = None if to_param is None else float(params[k])
         want = pil_op(name, pil, value).astype(np.float32)
         got = out[k].astype(np.float32)
@@ -361,7 +361,7 @@ def test_torchvision_policies_parse_as_torchvisions(config):
 @pytest.mark.parametrize("size", [64, 224])
 def test_torchvision_magnitudes_are_torchvisions(config, size):
     _, bins, wide = TV_CLASSES[config]
-    ours = augment._tv_magnitudes(bins, size, wide)
+    ours = auto_augment._tv_magnitudes(bins, size, wide)
     theirs = torchvision_space(config, size)
     for name, magnitudes in theirs.items():
         if magnitudes.ndim == 0:  # no magnitude
@@ -373,7 +373,7 @@ def test_torchvision_magnitudes_are_torchvisions(config, size):
 def torchvision_draws(config, count, size, monkeypatch, magnitude=9):
     """(layer, operation, argument) of every operation torchvision's transform applies to
     `count` images, its _apply_op recorded instead of run; the argument as the DALI
-    operation takes it (augment._tv_params); a skipped AutoAugment operation is None."""
+    operation takes it (auto_augment._tv_params); a skipped AutoAugment operation is None."""
     from torchvision.transforms import autoaugment as tv_aa
     calls = []
     monkeypatch.setattr(tv_aa, "_apply_op", lambda img, name, m, **_: calls.append(
@@ -400,7 +400,7 @@ def torchvision_draws(config, count, size, monkeypatch, magnitude=9):
                 draws.append((layer, None, 0.0))
             else:
                 name, m = call
-                value = float(augment._tv_params(name, np.array([m]))[0])
+                value = float(auto_augment._tv_params(name, np.array([m]))[0])
                 draws.append((layer, name, round(value, 3)))
     return draws
 
@@ -452,22 +452,22 @@ def test_policy_operations_act_as_torchvisions():
     close for the warps with one of the two signs (the sign is random)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import autoaugment as tv_aa
-    names = tuple(augment._TV_OPS)
-    policy = augment.AutoAugmentPolicy(
+    names = tuple(auto_augment._TV_OPS)
+    policy = auto_augment.AutoAugmentPolicy(
         config="test", kind="rand", names=names, layers=1,
-        sub_policies=(tuple(augment._PolicyOp(n, 1.0, 24.0) for n in names),), weights=None,
+        sub_policies=(tuple(auto_augment._PolicyOp(n, 1.0, 24.0) for n in names),), weights=None,
         magnitude_std=0.0, magnitude_max=30.0, library="torchvision")
-    space = augment._tv_magnitudes(31, 40, wide=False)
+    space = auto_augment._tv_magnitudes(31, 40, wide=False)
     magnitudes = [float(space[n][24]) if n in space else 0.0 for n in names]
     blocks = (np.random.default_rng(7).random((10, 10, 3)) * 255).astype(np.uint8)
     image = np.asarray(Image.fromarray(blocks).resize((40, 40), Image.BICUBIC))
     image = (30 + 0.7 * image).astype(np.uint8)  # short of black and white: autocontrast acts
     count = len(names)
-    signs = [1.0] * count + [-1.0 if augment._TV_OPS[n][1] else 1.0 for n in names]
+    signs = [1.0] * count + [-1.0 if auto_augment._TV_OPS[n][1] else 1.0 for n in names]
     ops = [np.array([k % count], np.int32) for k in range(2 * count)]
-    params = [augment._tv_params(names[k % count], np.array([sign * magnitudes[k % count]]))
+    params = [auto_augment._tv_params(names[k % count], np.array([sign * magnitudes[k % count]]))
               .astype(np.float32) for k, sign in enumerate(signs)]
-    out = run_graph(lambda x, o, p: augment._auto_augment(x, o, p, policy, 40, 0),
+    out = run_graph(lambda x, o, p: auto_augment.auto_augment_graph(x, o, p, policy, 40, 0),
                     [image] * (2 * count), ops, params)
     pil = Image.fromarray(image)
     for k, name in enumerate(names):
@@ -531,7 +531,7 @@ def ks_statistic(a, b):
 @pytest.mark.parametrize("max_count", [1, 3])
 def test_erased_area_is_distributed_as_timms(max_count):
     count, size = 3000, 32
-    boxes = augment._plan_erasing(count, size, 0.5, max_count, np.random.default_rng(9))
+    boxes = random_erasing.plan_erasing(count, size, 0.5, max_count, np.random.default_rng(9))
     images = torch.ones(count, 1, size, size)
     ours = random_erase(images, boxes, "const", 0)[:, 0].eq(0).float().mean((1, 2)).numpy()
     theirs = timm_erased_fractions(count, size, 0.5, max_count)

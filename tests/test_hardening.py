@@ -17,24 +17,24 @@ from PIL import Image
 
 from labelmap_data import KILLED_AFTER_TWO_WRITES
 
-import dali_relabel.store as store_module
+import dali_relabel.labelmaps.store as store_module
 from dali_relabel import label_pooling, reference_label_pooling
-from dali_relabel._utils import atomic_path, check_output_path
+from dali_relabel.files import atomic_path, check_output_path
 from dali_relabel.cli import main
-from dali_relabel.jobs import check_resumable, read_name_list
-from dali_relabel.store import (
+from dali_relabel.tools.jobs import check_resumable, read_name_list
+from dali_relabel.labelmaps.store import (
     LabelMapError,
     LabelMapStore,
     LabelMapWriter,
     read_header,
     write_labelmaps,
 )
-from dali_relabel.verify import read_path_list, write_bad_list
+from dali_relabel.images.path_lists import read_path_list, write_bad_list
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_DIR = os.path.join(REPO, "train")
-sys.path.insert(0, TRAIN_DIR)
-import run  # noqa: E402
+import run
+import trainer
 
 N, K, H, W, C = 6, 2, 3, 3, 4
 CLASSES = [f"c{c}" for c in range(C)]
@@ -216,7 +216,7 @@ def test_info_never_loads_the_maps(tmp_path, monkeypatch, capsys, full):
 WRITER_JOB = textwrap.dedent("""
     import sys
     import numpy as np
-    from dali_relabel.store import LabelMapError, LabelMapWriter
+    from dali_relabel.labelmaps.store import LabelMapError, LabelMapWriter
 
     def job(out, num_rows):
         rng = np.random.default_rng(0)
@@ -433,7 +433,7 @@ def test_atomic_path_removes_stale_temporaries_only(tmp_path):
     other = tmp_path / f"best.pt.tmp-{dead_pid()}"
     for path in (stale, live, other):
         path.write_bytes(b"half")
-    run.save_atomic({"step": 3}, str(target))
+    trainer.save_atomic({"step": 3}, str(target))
     assert not stale.exists() and live.exists() and other.exists()
     assert torch.load(target, weights_only=True) == {"step": 3}
     with pytest.raises(RuntimeError), atomic_path(str(target)) as tmp:
@@ -481,7 +481,7 @@ def test_writers_refuse_empty_maps(tmp_path):
     with pytest.raises(ValueError, match="K, H, W >= 1"):
         write_labelmaps(tmp_path / "x.h5", data["values"][:, :, :0], data["indices"][:, :, :0],
                         data["labels"], PATHS, CLASSES)
-    with pytest.raises(ValueError, match="height: expected a positive integer"):
+    with pytest.raises(ValueError, match="height must be an int >= 1"):
         LabelMapWriter(tmp_path / "x.h5", num_rows=N, num_classes=C, topk=K, height=0, width=W,
                        classes=CLASSES)
     assert os.listdir(tmp_path) == []
@@ -520,18 +520,18 @@ def test_checkpoint_holding_code_is_refused(tmp_path):
     torch.save({"model": RunsCode(marker), "epoch": 1}, evil)
     for option in ("--resume", "--checkpoint"):
         with pytest.raises(SystemExit) as error:
-            run.load_checkpoint(str(evil), option=option)
+            trainer.load_checkpoint(str(evil), option=option)
         message = str(error.value)
         assert message.startswith(f"{option} {evil}: refusing to load it") and "\n" not in message
     assert not marker.exists()
     (tmp_path / "cut.pt").write_bytes(evil.read_bytes()[:50])
     with pytest.raises(SystemExit, match="cannot read the checkpoint"):
-        run.load_checkpoint(str(tmp_path / "cut.pt"), option="--resume")
+        trainer.load_checkpoint(str(tmp_path / "cut.pt"), option="--resume")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from dali_relabel.synthetic import make_synthetic_imagenet
+    from dali_relabel.tools.synthetic import make_synthetic_imagenet
     dataset = make_synthetic_imagenet(tmp_path_factory.mktemp("synthetic"), num_classes=2,
                                       train_per_class=8, val_per_class=2, topk=2,
                                       image_size=(32, 40), progress=False)

@@ -11,10 +11,10 @@ from torch.testing import assert_close
 from torchvision.ops import roi_align
 from torchvision.transforms import RandomResizedCrop
 
-import dali_relabel.import_pt as import_pt_module
+import dali_relabel.tools.import_pt as import_pt_module
 from dali_relabel import LabelMapStore, label_pooling
 from dali_relabel.cli import main
-from dali_relabel.store import LabelMapWriter
+from dali_relabel.labelmaps.store import LabelMapWriter
 
 C, K, S = 6, 5, 15
 CLASSES = [f"n{c:08d}" for c in range(C)]

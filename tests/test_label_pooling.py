@@ -220,7 +220,7 @@ def test_bad_input_raises_value_error(op, build, message):
 @pytest.mark.parametrize("dim", [1, 2, 3], ids=["K0", "H0", "W0"])
 def test_cpu_kernel_refuses_empty_map_axes(dim):
     """The wrapper refuses them first; the compiled kernel guards its own memory too."""
-    from dali_relabel.kernels import _label_pooling_cpu
+    from dali_relabel.ops.kernels import _label_pooling_cpu
     values, indices = make_label_maps(2, 5, 10, seed=24)
     values, indices = values.narrow(dim, 0, 0), indices.narrow(dim, 0, 0)
     with pytest.raises(RuntimeError, match="K, H, W >= 1"):

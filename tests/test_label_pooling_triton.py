@@ -20,7 +20,7 @@ from torch.testing import assert_close
 
 from labelmap_data import EDGE_BOXES, REPEATED_CLASSES, make_boxes, make_label_maps
 from dali_relabel import MODES, reference_label_pooling
-from dali_relabel.kernels.label_pooling_triton import label_pooling_triton
+from dali_relabel.ops.kernels.label_pooling_triton import label_pooling_triton
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 import dali_relabel
 from labelmap_data import make_label_maps
 from dali_relabel import LabelMapStore, reference_label_pooling
-from dali_relabel.loader import LABEL_MODES, ReLabelLoader, ValLoader
+from dali_relabel import LABEL_MODES, ReLabelLoader, ValLoader
 from jpeg_data import NUM_CLASSES, NUM_IMAGES, RAW, pil_crop, textured_image
 
 
@@ -280,7 +280,7 @@ def test_shards_default_to_the_global_rank(dataset, monkeypatch):
 
 
 def test_shards_come_from_torchrun_variables_before_the_process_group(dataset, monkeypatch):
-    import dali_relabel._loading as loading
+    import dali_relabel.loading.common as loading
     root, store_path = dataset
     monkeypatch.setattr(loading, "_warned_env_shard", False)
     monkeypatch.setenv("RANK", "1")
@@ -358,14 +358,14 @@ def test_exclude_and_missing_files(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    pytest.param(dict(batch_size=0), "batch_size: expected a positive integer", id="batch-size-0"),
+    pytest.param(dict(batch_size=0), "batch_size must be an int >= 1", id="batch-size-0"),
     pytest.param(dict(label_mode="soft"), "label_mode must be one of", id="unknown-label-mode"),
     pytest.param(dict(num_classes=1000), "num_classes=1000 (the model's) but", id="classes"),
-    pytest.param(dict(image_size=0), "image_size: expected a positive integer", id="image-size-0"),
-    pytest.param(dict(prefetch=0), "prefetch: expected a positive integer", id="prefetch-0"),
+    pytest.param(dict(image_size=0), "image_size must be an int in [1, 4096]", id="image-size-0"),
+    pytest.param(dict(prefetch=0), "prefetch must be an int in [1, 256]", id="prefetch-0"),
     pytest.param(dict(scale=(1.0, 0.08)), "scale must be (min, max)", id="scale-reversed"),
     pytest.param(dict(ratio=(4 / 3, 3 / 4)), "ratio must be (min, max)", id="ratio-reversed"),
-    pytest.param(dict(hflip=1.5), "hflip must be a probability", id="hflip-above-1"),
+    pytest.param(dict(hflip=1.5), "hflip must be a float in [0, 1]", id="hflip-above-1"),
     pytest.param(dict(shard_id=2, num_shards=2), "shard_id must lie in", id="shard-id"),
     pytest.param(dict(batch_size=31), "leaves no full batch", id="batch-larger-than-data"),
     pytest.param(dict(dtype=torch.int8), "dtype must be one of", id="image-dtype"),

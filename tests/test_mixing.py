@@ -8,8 +8,8 @@ from torch.testing import assert_close
 from labelmap_data import make_boxes, make_label_maps
 from dali_relabel import (LabelMapStore, SparseTargets, label_pooling, reference_label_pooling,
                           soft_target_cross_entropy)
-from dali_relabel.loader import ReLabelLoader
-from dali_relabel.mixing import (Mixing, crop_to_image, localized_cutmix_targets,
+from dali_relabel import ReLabelLoader
+from dali_relabel.loading.mixing import (Mixing, crop_to_image, localized_cutmix_targets,
                                  smooth_targets)
 from jpeg_data import NUM_CLASSES, make_jpeg_dataset
 
@@ -63,16 +63,16 @@ def test_draws_per_batch_pair_and_element():
         **MIX, "cutmix_alpha": 1.0, "mixup_alpha": 1.0, "mixup_mode": mode}).plan(
         n, batch, 32, np.random.default_rng(1))
     batch = plan("batch")
-    assert all(len(np.unique(batch["mix_lam"][k:k + 4])) == 1 for k in (0, 4))
-    assert np.array_equal(batch["mix_box"][0], batch["mix_box"][3])
+    assert all(len(np.unique(batch.lam[k:k + 4])) == 1 for k in (0, 4))
+    assert np.array_equal(batch.box[0], batch.box[3])
     pair = plan("pair")
     for start, length in ((0, 4), (4, 4), (8, 2)):  # the last batch: two samples
-        lam = pair["mix_lam"][start:start + length]
+        lam = pair.lam[start:start + length]
         assert np.array_equal(lam, lam[::-1])  # an element and its partner: one draw
-    assert len(np.unique(pair["mix_lam"][:2])) == 2
+    assert len(np.unique(pair.lam[:2])) == 2
     elem = plan("elem", n=5, batch=5)
-    assert len(np.unique(elem["mix_lam"][[0, 1, 3, 4]])) == 4
-    assert elem["mix_lam"][2] == 1.0 and not elem["mix_cut"][2]  # its own partner: unmixed
+    assert len(np.unique(elem.lam[[0, 1, 3, 4]])) == 4
+    assert elem.lam[2] == 1.0 and not elem.cut[2]  # its own partner: unmixed
 
 
 def pool(store, rows, boxes, *, flip=None, size=1, mode="softmax"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from dali_relabel.plan import EpochPlanner, random_resized_crop_windows
+from dali_relabel.loading.plan import EpochPlanner, random_resized_crop_windows
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 DRAWS = 6000

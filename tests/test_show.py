@@ -12,7 +12,7 @@ from torch.testing import assert_close
 import dali_relabel
 from dali_relabel import LabelMapStore, reference_label_pooling
 from dali_relabel.cli import main
-from dali_relabel.show import show_labelmap
+from dali_relabel.tools.show import show_labelmap
 
 C, K, M = 10, 3, 15
 CLASSES = ImageNetInfo().label_names()[:C]  # WordNet ids: shown with their descriptions

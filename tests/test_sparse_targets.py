@@ -9,11 +9,11 @@ from torch.testing import assert_close
 
 from labelmap_data import make_boxes, make_label_maps
 from dali_relabel import LabelMapStore, label_pooling, reference_label_pooling, write_labelmaps
-from dali_relabel import sparse_targets
-from dali_relabel.ops import BOX_TOLERANCE
-from dali_relabel.sparse_targets import (SparseTargets, _axis_weights, footprint,
+from dali_relabel.ops import sparse_targets
+from dali_relabel.ops.label_pooling import BOX_TOLERANCE
+from dali_relabel.ops.sparse_targets import (SparseTargets, _axis_weights, footprint,
                                          soft_target_cross_entropy, sparse_label_pooling)
-from dali_relabel.targets import LABEL_MODES, TargetMaker
+from dali_relabel.loading.targets import LABEL_MODES, TargetMaker
 
 # Whole image, one pixel wide/tall on a 500-pixel image, each border, a corner, empty, and
 # boxes a hair outside [0, 1] (within BOX_TOLERANCE).

@@ -1,4 +1,4 @@
-"""Tests of the label-map store (dali_relabel.store) and the `dali-relabel info` command."""
+"""Tests of the label-map store (dali_relabel.labelmaps.store) and the `dali-relabel info` command."""
 import logging
 import os
 import subprocess
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import dali_relabel.store as store_module
+import dali_relabel.labelmaps.store as store_module
 from dali_relabel.cli import main
-from dali_relabel.store import (
+from dali_relabel.labelmaps.store import (
     LabelMapError,
     LabelMapStore,
     LabelMapWriter,
@@ -162,7 +162,7 @@ def test_writer_resumes_random_rows_across_sessions(tmp_path, rows, caplog):
     partial = tmp_path / "maps.h5.partial"
     order = np.random.default_rng(1).permutation(N)
     first, second = order[: N // 2], order[N // 2:]
-    with caplog.at_level(logging.WARNING, logger="dali_relabel.store"):
+    with caplog.at_level(logging.WARNING, logger="dali_relabel.labelmaps.store"):
         with LabelMapWriter(path, **writer_args(), annotator="resnet-test") as writer:
             write_some(writer, rows, first[:3])
             write_some(writer, rows, torch.as_tensor(first[3:]))
@@ -477,7 +477,7 @@ def test_add_sizes_interrupted_leaves_the_file_as_it_was(good_file):
         "import resource, signal, numpy as np\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, {len(before) // 2}))\n"
-        "from dali_relabel.store import add_sizes\n"
+        "from dali_relabel.labelmaps.store import add_sizes\n"
         f"add_sizes({str(good_file)!r}, np.full(({N}, 2), 3))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode != 0, result.stderr

@@ -1,4 +1,4 @@
-"""The embedded synthetic ImageNet (dali_relabel.synthetic): layout, exact maps, cache, seeds."""
+"""The embedded synthetic ImageNet (dali_relabel.tools.synthetic): layout, exact maps, cache, seeds."""
 import hashlib
 import json
 import os
@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-import dali_relabel.synthetic as synthetic
+import dali_relabel.tools.synthetic as synthetic
 from dali_relabel import LabelMapStore
-from dali_relabel.loader import ReLabelLoader, ValLoader, find_images
-from dali_relabel.synthetic import COLOURS, LOGIT_SCALE, MAX_CLASSES, make_synthetic_imagenet
+from dali_relabel import ReLabelLoader, ValLoader
+from dali_relabel.images import find_images
+from dali_relabel.tools.synthetic import COLOURS, LOGIT_SCALE, MAX_CLASSES, make_synthetic_imagenet
 
 # topk = 4 = the most objects an image holds: every map keeps every class present.
 SMALL = dict(num_classes=6, train_per_class=6, val_per_class=4, image_size=(64, 112),
@@ -71,7 +72,7 @@ def test_layout_files_and_store(dataset, store):
     assert store.classes == dataset.classes
     folders = [dataset.classes.index(path.split("/")[0]) for path in store.paths]
     assert store.labels.tolist() == folders
-    assert store.attrs["generator"] == "dali_relabel.synthetic"
+    assert store.attrs["generator"] == "dali_relabel.tools.synthetic"
     assert store.attrs["seed"] == 3 and store.attrs["logit_scale"] == LOGIT_SCALE
     assert json.loads(store.attrs["parameters"])["train_per_class"] == 6
     manifest = json.loads(open(os.path.join(dataset.root, "manifest.json")).read())

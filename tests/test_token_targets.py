@@ -8,16 +8,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dali_relabel import ReLabelLoader, SparseTargets
-from dali_relabel.synthetic import make_synthetic_imagenet
+from dali_relabel import ReLabelLoader, SparseTargets, reference_label_pooling
+from dali_relabel.tools.synthetic import make_synthetic_imagenet
 
-TRAIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train")
-sys.path.insert(0, TRAIN_DIR)
-import run  # noqa: E402
-from token_labeling import TokenLabelingModel, create_token_model, last_batch_plan  # noqa: E402
+import run
+from token_labeling import TokenLabelingModel, create_token_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(TRAIN_DIR), "benchmarks"))
-import token_targets_bench  # noqa: E402
+import token_targets_bench
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +29,22 @@ def test_loader_sparse_targets_equal_the_dense_ones(tiny, label_mode):
     kwargs = dict(device="cpu", image_size=32, output_size=3, label_mode=label_mode, seed=3,
                   return_meta=True, num_threads=1)
     dense = list(ReLabelLoader(tiny.train_root, tiny.labelmaps, 8, **kwargs))
-    loader = ReLabelLoader(tiny.train_root, tiny.labelmaps, 8, sparse_targets=True, **kwargs)
+    loader = ReLabelLoader(tiny.train_root, tiny.labelmaps, 8, sparse_targets=True,
+                           crop_targets=True, **kwargs)
+    store = loader.store
     for want, batch in zip(dense, loader):
         assert isinstance(batch.targets, SparseTargets) and batch.targets.fill.shape == (8, 9)
         assert_close(batch.targets.dense(), want.targets, atol=1e-6, rtol=0)
-        # The trainer's host copy of the batch's boxes, flips and rows.
-        boxes, flips, rows = last_batch_plan(loader)
-        assert torch.equal(boxes, batch.boxes) and torch.equal(flips, batch.flip)
-        assert torch.equal(rows, batch.sample_index)
+        # The class token's target: the crop's own, pooled at S = 1 from the same box.
+        mode = "localized_multi" if label_mode == "localized_multi" else "global_single"
+        boxes = batch.boxes if mode == "localized_multi" else torch.tensor(
+            [[0.0, 0.0, 1.0, 1.0]]).expand(8, 4)
+        crop = reference_label_pooling(store.values, store.indices, boxes,
+                                       num_classes=store.num_classes,
+                                       sample_index=batch.sample_index,
+                                       mode="softmax" if mode == "localized_multi" else "argmax")
+        assert batch.crop_targets.shape == (8, store.num_classes)
+        assert_close(batch.crop_targets, crop, atol=1e-5, rtol=0)
 
 
 def demo_args(tiny, tmp_path, *extra):

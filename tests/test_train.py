@@ -13,11 +13,11 @@ from torch.testing import assert_close
 
 import timm
 from dali_relabel import ValLoader
-from dali_relabel.synthetic import make_synthetic_imagenet
+from dali_relabel.tools.synthetic import make_synthetic_imagenet
 
 TRAIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train")
-sys.path.insert(0, TRAIN_DIR)
-import run  # noqa: E402
+import run
+import trainer
 
 RUN = os.path.join(TRAIN_DIR, "run.py")
 METRICS = ("epoch", "lr", "train_loss", "images_per_s", "data_wait_ms", "step_ms",
@@ -219,8 +219,17 @@ def test_mixing_flags_are_timms_and_the_older_cutmix_spelling_maps_onto_them():
         run.parse_args(["--cutmix-prob", "0.5", "--cutmix", "1.0"])
 
 
-def test_label_smoothing_of_one_hot_targets():
-    one_hot = torch.nn.functional.one_hot(torch.tensor([2, 0]), 5).float()
-    smoothed = run.smooth_labels(one_hot, 0.1)
-    assert_close(smoothed, torch.tensor([[0.02, 0.02, 0.92, 0.02, 0.02],
-                                         [0.92, 0.02, 0.02, 0.02, 0.02]]))
+def test_smoothing_reaches_the_loader_for_the_original_labels_only(tiny):
+    """--smoothing is the recipe of one-hot labels: the loader smooths them after mixing;
+    ReLabel's soft targets are left as they are."""
+    for mode, want in (("original", 0.1), ("localized_multi", 0.0)):
+        args = run.parse_args([*tiny, "--label-mode", mode, "--smoothing", "0.1"])
+        loader = trainer.train_loader(args, torch.device("cpu"))
+        batch = next(iter(loader))
+        assert loader.label_smoothing == want
+        if mode == "original":  # one-hot labels, smoothed: 0.92 and 0.02 over C = 5 ...
+            classes = loader.num_classes
+            assert_close(batch.targets.max(1).values,
+                         torch.full((len(batch.targets),), 0.9 + 0.1 / classes))
+            assert_close(batch.targets.min(1).values,
+                         torch.full((len(batch.targets),), 0.1 / classes))

@@ -9,8 +9,9 @@ import pytest
 import dali_relabel
 from labelmap_data import make_label_maps
 from dali_relabel.cli import main
-from dali_relabel.loader import ReLabelLoader
-from dali_relabel.verify import read_path_list, verify_images
+from dali_relabel import ReLabelLoader
+from dali_relabel.images.path_lists import read_path_list
+from dali_relabel.images.verify import verify_images
 from jpeg_data import textured_image
 
 GOOD = 9

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import traceback
 
@@ -30,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
-from dali_relabel.kernels import label_pooling_triton as launcher_module  # noqa: E402
+from dali_relabel.ops.kernels import label_pooling_triton as launcher_module  # noqa: E402
 
 MODES = tuple(launcher_module.MODES)
 # The launches the project can make: the grid (every output size the loader, the

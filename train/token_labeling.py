@@ -1,18 +1,15 @@
 """Token labeling for ViT-style timm models: a class-token loss on the crop's target plus a
 weighted loss of every patch token on its own LabelPooling target (S x S bins of the crop).
 
-The loader yields the token targets (sparse); the crop's S = 1 target comes from a second
-TargetMaker fed with the batch's boxes, flips and rows from the epoch plan on the host, so
-neither costs a host sync on a GPU.
+The loader yields both: the token targets (sparse, ``output_size=S``) and each crop's S = 1
+target (``crop_targets=True``), pooled from the same planned boxes.
 """
 from typing import Tuple
 
-import numpy as np
 import timm
 import torch
 from torch import nn
 
-from dali_relabel import ReLabelLoader
 
 
 class TokenLabelingModel(nn.Module):
@@ -58,12 +55,3 @@ def create_token_model(name: str, *, token_targets: int, image_size: int,
         raise SystemExit(f"--token-targets {token_targets}: --model {name} at --image-size "
                          f"{image_size} has a {height} x {width} token grid; {hint}")
     return model
-
-
-def last_batch_plan(loader: ReLabelLoader) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(boxes, flips, rows) of the batch `loader` yielded last, on the host, from the plan
-    of the epoch it is iterating: batch k is the plan's k-th batch."""
-    plan = loader.plan
-    samples = plan.batch(loader.state_dict()["batches_done"] - 1)
-    return tuple(torch.from_numpy(np.ascontiguousarray(a[samples]))
-                 for a in (plan.boxes, plan.flips, plan.rows))

@@ -1,0 +1,152 @@
+"""Bookkeeping shared by the jobs that make label-map files (annotate, import-pt).
+
+Making the ReLabel label maps of a dataset (Yun et al., "Re-labeling ImageNet: from Single to
+Multi-Labels, from Global to Localized Labels", CVPR 2021) runs for hours, so both jobs write
+through the resumable `LabelMapWriter`. The writer checks that a partial file has the same
+geometry and classes; this module adds the checks that make resuming safe for a whole job:
+the rows already written belong to the same images, and were made the same way (same model,
+same checkpoint, same layout, ...), so one file never mixes two kinds of maps.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dali_relabel.labelmaps.store import LabelMapError, open_h5
+
+__all__ = ["PARTIAL_SUFFIX", "check_resumable", "default_workers", "read_name_list",
+           "unwritten_rows", "utc_now"]
+
+# LabelMapWriter keeps an unfinished file at f"{path}{PARTIAL_SUFFIX}".
+PARTIAL_SUFFIX = ".partial"
+_SHOWN = 5
+_MAX_WORKERS = 8
+
+
+def utc_now() -> str:
+    """The current time as an ISO 8601 UTC string, for the `date` provenance attribute."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def default_workers() -> int:
+    """Loading workers for this process: its share of the CPUs (torchrun's local processes
+    split them), at most 8."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0)) // max(1, local_world)))
+
+
+def read_name_list(path: str | os.PathLike, *, argument: str) -> list[str]:
+    """Names from a text file, one per line; blank lines and lines that start with '#'
+    are skipped (a '#' elsewhere belongs to the name).
+
+    Args:
+        path: The file.
+        argument: The option that named the file, for messages.
+
+    Raises:
+        ValueError: The file is missing, unreadable or lists no names.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f]
+    except OSError as e:
+        raise ValueError(f"{argument} {path}: cannot read the file ({e.strerror or e})") from e
+    names = [name for name in names if name and not name.startswith("#")]
+    if not names:
+        raise ValueError(f"{argument} {path}: the file lists no names")
+    return names
+
+
+def check_resumable(
+    path: str | os.PathLike,
+    *,
+    paths: Sequence[str],
+    identity: dict[str, str | int | float],
+) -> dict[str, Any] | None:
+    """Checks that a file left by an earlier run of the same job may be continued.
+
+    `path` is a finished file or a writer's partial file. Its written rows must list the same
+    image paths as `paths` at the same rows, and its root attributes must equal `identity`
+    (the settings that decide what a row holds).
+
+    Args:
+        path: The file to check.
+        paths: The image path of every row of the job, in row order.
+        identity: Provenance attributes that must match, e.g. {"model": "resnet50"}.
+
+    Returns:
+        The file's root attributes, or None when `path` does not exist.
+
+    Raises:
+        ValueError: The file cannot be continued; the message says why and how to restart.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return None
+    restart = f"delete {path} to start again, or rerun with the earlier settings"
+    with open_h5(path) as f:  # a lock held by another process is reported as such
+        try:
+            attrs = {key: _plain(value) for key, value in f.attrs.items()}
+            stored = f["paths"].asstr()[()]
+            written = _written(f, len(stored))
+        except (OSError, KeyError) as e:
+            raise LabelMapError(f"{path}: cannot read the file left by an earlier run ({e}); "
+                                f"delete it to start again") from e
+    changed = [f"{key}={attrs.get(key)!r} (now {value!r})" for key, value in identity.items()
+               if attrs.get(key) != value]
+    if changed:
+        raise ValueError(f"{path}: an earlier run made it with {', '.join(changed)}; {restart}")
+    if len(stored) != len(paths):
+        raise ValueError(f"{path}: an earlier run listed {len(stored)} images, now there are "
+                         f"{len(paths)} (the image folder changed); {restart}")
+    expected = np.array(list(paths), dtype=object)
+    moved = np.flatnonzero(written & (stored != expected))
+    if len(moved):
+        first = ", ".join(f"row {row}: {stored[row]} (now {expected[row]})"
+                          for row in moved[:_SHOWN])
+        raise ValueError(f"{path}: {len(moved)} written rows belong to other images than "
+                         f"now (the image folder changed); first: {first}; {restart}")
+    return attrs
+
+
+def unwritten_rows(path: str | os.PathLike, num_rows: int) -> np.ndarray:
+    """The rows a writer's partial file still lacks (all when it does not exist), read
+    without keeping the file open: a job forks its loading workers before it opens the
+    file, since forked processes inherit HDF5's lock on it.
+
+    Args:
+        path: The partial file (checked with `check_resumable` first).
+        num_rows: Rows of the job.
+
+    Returns:
+        Row ids, ascending (int64).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return np.arange(num_rows)
+    with open_h5(path) as f:
+        try:
+            return np.flatnonzero(~_written(f, num_rows))
+        except (OSError, KeyError) as e:
+            raise LabelMapError(f"{path}: cannot read the file left by an earlier run ({e}); "
+                                f"delete it to start again") from e
+
+
+def _written(f: Any, num_rows: int) -> np.ndarray:
+    """The /written mask of an open file (all True for a finished file), as bool [N]."""
+    if "written" not in f:
+        return np.ones(num_rows, dtype=bool)
+    written = f["written"]
+    if written.shape != (num_rows,):
+        raise KeyError(f"/written holds {written.shape} rows, expected ({num_rows},)")
+    return written[()].astype(bool)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else value
