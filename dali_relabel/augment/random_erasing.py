@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from dali_relabel._transfer import to_device
+from dali_relabel import _transfer
 
 __all__ = ["RE_MODES", "plan_erasing", "random_erase"]
 
@@ -67,7 +67,7 @@ def random_erase(images: torch.Tensor, boxes: np.ndarray, mode: str,
     device = images.device
     batch, channels, height, width = images.shape
     generator = torch.Generator(device=device).manual_seed(seed) if mode != "const" else None
-    spans = to_device(boxes, device)
+    spans = _transfer.to_device(boxes, device)
     ys, xs = torch.arange(height, device=device), torch.arange(width, device=device)
     erased = images.clone()  # in the batch's memory format (channels_last stays so)
     for k in slots:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dali_relabel._transfer import to_device
+from dali_relabel import _transfer
 
 __all__ = ["EpochSampler", "LoaderDataset", "check_epoch", "check_mean_std", "check_range",
            "dali_image_dtype", "finish_images", "resolve_device", "resolve_shard"]
@@ -104,7 +104,7 @@ def dali_image_dtype(dtype: torch.dtype) -> Any:
 def finish_images(images: torch.Tensor, device: torch.device, dtype: torch.dtype,
                   channels_last: bool) -> torch.Tensor:
     """DALI's image batch as the loader yields it: on `device`, NCHW, of `dtype`."""
-    images = to_device(images, device)
+    images = _transfer.to_device(images, device)
     if channels_last:  # DALI wrote NHWC; this view is NCHW in channels_last memory format
         images = images.permute(0, 3, 1, 2)
     return images if images.dtype == dtype else images.to(dtype)

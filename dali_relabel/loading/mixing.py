@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from dali_relabel._transfer import to_device
+from dali_relabel import _transfer
 from dali_relabel.augment.draws import PerSample
 from dali_relabel.ops.label_pooling import label_pooling
 from dali_relabel.ops.sparse_targets import SparseTargets
@@ -274,7 +274,7 @@ def mixing_fields(draws: Optional[MixDraws], n: int, image_size: int,
     cut_box = (draws.box[:, [1, 0, 3, 2]] / np.float32(image_size)).astype(np.float32)
     fields = dict(lam=draws.lam, cutmix=draws.cut, cut_box=cut_box,
                   partner=np.arange(n)[::-1])
-    return {name: to_device(value, device) for name, value in fields.items()}
+    return {name: _transfer.to_device(value, device) for name, value in fields.items()}
 
 
 def _token_bins(size: int) -> np.ndarray:
@@ -311,10 +311,10 @@ class Mixer:
         partners, mixed = images.flip(0), images
         blend = np.where(cut, 1.0, lam).astype(np.float32)  # mixup's share of the base
         if (blend < 1.0).any():
-            w = to_device(blend, device).to(images.dtype).view(-1, 1, 1, 1)
+            w = _transfer.to_device(blend, device).to(images.dtype).view(-1, 1, 1, 1)
             mixed = images * w + partners * (1 - w)
         if cut.any():
-            spans = to_device(box, device)
+            spans = _transfer.to_device(box, device)
             top, left, bottom, right = (spans[:, i, None] for i in range(4))
             pixels = torch.arange(self._size, device=device)
             inside = (((pixels >= top) & (pixels < bottom))[:, None, :, None]
@@ -322,7 +322,7 @@ class Mixer:
             mixed = torch.where(inside, partners, mixed)
         # Targets mix by area, CutMix's too, except where they are localized.
         weight = np.where(localized_cut, 1.0, lam).astype(np.float32)
-        w = to_device(weight, device).view(-1, *([1] * (targets.dim() - 1)))
+        w = _transfer.to_device(weight, device).view(-1, *([1] * (targets.dim() - 1)))
         mixed_targets = targets * w + targets.flip(0) * (1 - w)
         if localized_cut.any():
             with self._targets.timer:
@@ -351,14 +351,14 @@ class Mixer:
         whole = share >= 1.0 - 1e-6
         partner = b - 1 - sample
         if whole.any():
-            dst = to_device(sample[whole] * tokens + token[whole], device)
-            src = to_device(partner[whole] * tokens + token[whole], device)
+            dst = _transfer.to_device(sample[whole] * tokens + token[whole], device)
+            src = _transfer.to_device(partner[whole] * tokens + token[whole], device)
             flat_mixed[dst] = flat_targets[src]
         edge = (share > 1e-6) & ~whole
         if edge.any():
             relative = (np.concatenate([low[edge], high[edge]], axis=1)
                         - bins[edge][:, [0, 1, 0, 1]]) * self._targets.output_size
-            dst = to_device(sample[edge] * tokens + token[edge], device)
+            dst = _transfer.to_device(sample[edge] * tokens + token[edge], device)
             flat_mixed[dst] = self._edge_targets(boxes, flips, rows, sample[edge],
                                                  partner[edge], bins[edge], relative)
         return flat_mixed.view_as(mixed)
@@ -370,20 +370,20 @@ class Mixer:
         bin mapped into its image is the crop, `relative` the pasted part of it)."""
         maker, device = self._targets, self._targets.device
         store = maker.store
-        boxes, flips = to_device(boxes, device), to_device(flips, device)
+        boxes, flips = _transfer.to_device(boxes, device), _transfer.to_device(flips, device)
         if maker.fused_gather:
-            values, indices, index = store.values, store.indices, to_device(rows, device)
+            values, indices, index = store.values, store.indices, _transfer.to_device(rows, device)
         else:  # the batch's rows (partners are in the batch) gathered on the host
-            values, indices = (to_device(torch.index_select(data, 0, rows), device)
+            values, indices = (_transfer.to_device(torch.index_select(data, 0, rows), device)
                                for data in (store.values, store.indices))
             index = torch.arange(len(rows), device=device)
-        sample, partner = to_device(sample, device), to_device(partner, device)
-        bins = to_device(bins.astype(np.float32), device)
+        sample, partner = _transfer.to_device(sample, device), _transfer.to_device(partner, device)
+        bins = _transfer.to_device(bins.astype(np.float32), device)
         return localized_cutmix_targets(
             values, indices,
             boxes=crop_to_image(boxes[sample], flips[sample], bins), flip=flips[sample],
             sample_index=index[sample],
             partner_boxes=crop_to_image(boxes[partner], flips[partner], bins),
             partner_flip=flips[partner], partner_index=index[partner],
-            rects=to_device(relative.astype(np.float32), device),
+            rects=_transfer.to_device(relative.astype(np.float32), device),
             num_classes=store.num_classes, single=maker.label_mode == "localized_single")

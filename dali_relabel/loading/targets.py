@@ -14,7 +14,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from dali_relabel._transfer import to_device
+from dali_relabel import _transfer
 from dali_relabel.ops.label_pooling import label_pooling
 from dali_relabel.ops.sparse_targets import SparseTargets, class_dtype, sparse_label_pooling
 from dali_relabel.labelmaps.store import LabelMapStore
@@ -177,7 +177,7 @@ class TargetMaker:
                  rows: torch.Tensor) -> Union[torch.Tensor, SparseTargets]:
         num_classes, size = self.store.num_classes, self.output_size
         if self.label_mode == "original":  # every label was checked at start
-            labels = self._labels[to_device(rows, self.device)]
+            labels = self._labels[_transfer.to_device(rows, self.device)]
             if self.sparse:
                 ones = torch.ones(len(labels), 1, device=self.device)
                 return self._per_token(SparseTargets(
@@ -188,12 +188,12 @@ class TargetMaker:
             # No localization: one whole-image target, the same for every token.
             boxes, size = self._whole_image.expand(len(rows), 4), 1
         else:
-            boxes = to_device(boxes, self.device)
+            boxes = _transfer.to_device(boxes, self.device)
         mode = "softmax" if self.label_mode.endswith("multi") else "argmax"
-        flip = to_device(flip, self.device)
+        flip = _transfer.to_device(flip, self.device)
         if self.fused_gather:
             values, indices = self.store.values, self.store.indices
-            sample_index = to_device(rows, self.device)
+            sample_index = _transfer.to_device(rows, self.device)
         else:
             values, indices = (self._host_gather(data, rows)
                                for data in (self.store.values, self.store.indices))
@@ -222,8 +222,8 @@ class TargetMaker:
         pinned = self.device.type == "cuda"
         out = torch.empty((len(rows), *data.shape[1:]), dtype=data.dtype, pin_memory=pinned)
         torch.index_select(data, 0, rows, out=out)
-        return to_device(out, self.device)
+        return _transfer.to_device(out, self.device)
 
     def labels(self, rows: torch.Tensor) -> torch.Tensor:
         """The original labels of store rows `rows` (Tensor[B] int64 on the device)."""
-        return self._labels[to_device(rows, self.device)]
+        return self._labels[_transfer.to_device(rows, self.device)]

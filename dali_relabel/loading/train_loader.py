@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dali_relabel import _checks
-from dali_relabel._transfer import to_device
+from dali_relabel import _transfer
 from dali_relabel._system import cpu_share
 from dali_relabel.augment.augmentations import Augmentations
 from dali_relabel.images.files import check_image_files, read_image_sizes
@@ -494,9 +494,9 @@ class ReLabelLoader:
         if not self.return_meta:
             return images, targets
         return ReLabelBatch(images=images, targets=targets, labels=self.targets.labels(rows),
-                            boxes=to_device(boxes, self.device),
-                            flip=to_device(flips, self.device),
-                            sample_index=to_device(rows, self.device),
+                            boxes=_transfer.to_device(boxes, self.device),
+                            flip=_transfer.to_device(flips, self.device),
+                            sample_index=_transfer.to_device(rows, self.device),
                             crop_targets=crop_targets,
                             **mixing_fields(batch.mixing if mixed else None, len(rows),
                                             self.image_size, self.device))

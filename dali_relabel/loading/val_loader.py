@@ -9,7 +9,7 @@ import torch
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from dali_relabel._transfer import to_device
+from dali_relabel import _transfer
 from dali_relabel.loading.common import (EpochSampler, LoaderDataset, check_epoch, check_mean_std,
                                    dali_image_dtype, finish_images, resolve_device,
                                    resolve_shard)
@@ -155,4 +155,4 @@ class ValLoader:
         for outputs in iterator:
             out = outputs[0]
             images = finish_images(out["images"], self.device, self.dtype, self.channels_last)
-            yield images, to_device(out["labels"].view(-1).to(torch.int64), self.device)
+            yield images, _transfer.to_device(out["labels"].view(-1).to(torch.int64), self.device)
