@@ -39,8 +39,10 @@ def make_jpeg_dataset(root) -> tuple:
     return str(root), str(store_path)
 
 
-def pil_crop(path: str, box, size: int, flip: bool, orient: bool = False) -> np.ndarray:
-    """torchvision's way: PIL crop at the pixel box, bilinear resize, optional mirror."""
+def pil_crop(path: str, box, size: int, flip: bool, orient: bool = False,
+             resample=Image.BILINEAR) -> np.ndarray:
+    """torchvision's way: PIL crop at the pixel box, resize (bilinear unless `resample`),
+    optional mirror."""
     image = Image.open(path)
     if orient:
         from PIL import ImageOps
@@ -49,7 +51,7 @@ def pil_crop(path: str, box, size: int, flip: bool, orient: bool = False) -> np.
     width, height = image.size
     left, top, right, bottom = (np.asarray(box) * [width, height, width, height]).round()
     crop = image.crop((int(left), int(top), int(right), int(bottom)))
-    crop = crop.resize((size, size), Image.BILINEAR)
+    crop = crop.resize((size, size), resample)
     if flip:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(crop, dtype=np.float32)

@@ -209,7 +209,6 @@ def test_auto_augment_policies_are_timms(config):
     pytest.param("rand-n0", "n must be >= 1", id="no-layers"),
     pytest.param("augmix-m5-w4-d2", "AugMix is not supported", id="augmix"),
     pytest.param("augmix", "supported: timm's 'rand-...'", id="torchvision-augmix"),
-    pytest.param("3a", "unknown policy", id="3a-policy"),
     pytest.param("ra-m9", "unknown policy", id="ra-with-sections"),
     pytest.param("imagenet-mstd0.5", "unknown policy", id="imagenet-with-sections"),
     pytest.param("original-x2", "unknown section 'x2'", id="aa-section"),
@@ -237,6 +236,11 @@ def test_levels_map_to_timms_arguments(name, monkeypatch):
             (theirs,) = timm_aa.LEVEL_TO_ARG[name](level, hparams)
             signed = -level if negate and negated else level
             ours = float(to_param(np.array([signed]))[0])
+            if name in auto_augment._RANDOM_PARAMS:  # the radius is drawn from timm's arg
+                radius = auto_augment._RANDOM_PARAMS[name](
+                    np.full(20000, ours), np.random.default_rng(0))
+                low, high = sorted((0.1, 2.0 * theirs))
+                assert low <= radius.min() and radius.max() <= high
             if name.startswith("Posterize"):
                 theirs = float(auto_augment._bits_mask(np.array([theirs]))[0])
             assert ours == pytest.approx(theirs, abs=1e-6), (level, negate)
@@ -256,6 +260,7 @@ def test_policy_operations_act_as_timms():
     """Each operation in the DALI graph against timm's PIL operation on the same image:
     equal to the rounding for the pointwise ones, close up to the sign convention for the
     geometric ones (the random sign makes the convention irrelevant); each changes pixels."""
+    from timm.data import auto_augment as timm_aa
     names = sorted(auto_augment._TIMM_OPS)
     policy = auto_augment.AutoAugmentPolicy(
         config="test", kind="rand", names=tuple(names), layers=1,
@@ -266,6 +271,9 @@ def test_policy_operations_act_as_timms():
     image = (30 + 0.7 * image).astype(np.uint8)  # short of black and white: autocontrast acts
     params = np.array([auto_augment._TIMM_OPS[n][2](np.array([7.0]))[0]
                        if auto_augment._TIMM_OPS[n][2] else 0.0 for n in names], np.float32)
+    # GaussianBlurRand's radius is drawn from its argument; here the argument's largest.
+    blur = names.index("GaussianBlurRand")
+    params[blur] = 2.0 * params[blur]
     count = len(names)
     images = [image] * (2 * count)
     ops = [np.array([k % count], np.int32) for k in range(2 * count)]
@@ -278,7 +286,10 @@ def test_policy_operations_act_as_timms():
     for k, name in enumerate(names):
         kind, negated, to_param = auto_augment._TIMM_OPS[name]
         value = None if to_param is None else float(params[k])
-        want = pil_op(name, pil, value).astype(np.float32)
+        if name == "GaussianBlurRand":  # timm draws the radius inside; PIL's blur at it
+            want = np.asarray(timm_aa.gaussian_blur(pil, value)).astype(np.float32)
+        else:
+            want = pil_op(name, pil, value).astype(np.float32)
         got = out[k].astype(np.float32)
         assert np.abs(got - image).mean() > 1.0, name  # it does something
         diff = np.abs(got - want)[2:-2, 2:-2].mean()  # PIL leaves the border of filters
@@ -485,7 +496,7 @@ def test_policy_operations_act_as_torchvisions():
         assert diff < tolerance, (name, diff)
 
 
-@pytest.mark.parametrize("config", ["rand-m9-mstd0.5-inc1", "original", "ta_wide", "ra",
+@pytest.mark.parametrize("config", ["rand-m9-mstd0.5-inc1", "original", "3a", "ta_wide", "ra",
                                     "imagenet"])
 def test_loader_auto_augment_changes_pixels_not_targets(dataset, config):
     root, store_path = dataset
@@ -576,10 +587,10 @@ def test_loader_random_erasing(dataset):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    pytest.param(dict(lighting=-0.1), "lighting must be a float >= 0", id="lighting"),
-    pytest.param(dict(re_prob=1.5), "re_prob must be a probability", id="re-prob"),
+    pytest.param(dict(lighting=-0.1), "lighting must be a finite float >= 0", id="lighting"),
+    pytest.param(dict(re_prob=1.5), "re_prob must be a float in [0, 1]", id="re-prob"),
     pytest.param(dict(re_mode="noise"), "re_mode must be one of", id="re-mode"),
-    pytest.param(dict(re_count=0), "re_count must be an int >= 1", id="re-count"),
+    pytest.param(dict(re_count=0), "re_count must be an int in [1, 64]", id="re-count"),
     pytest.param(dict(auto_augment="rand-foo"), "unknown section 'foo'", id="policy"),
     pytest.param(dict(auto_augment="ra", ra_magnitude=31), "ra_magnitude must be an int in "
                  "[0, 30]", id="ra-magnitude-31"),
@@ -592,3 +603,51 @@ def test_bad_augmentation_arguments(kwargs, message):
     with pytest.raises(ValueError) as info:
         Augmentations.create(**{**OFF, **kwargs})
     assert message in str(info.value)
+
+
+def crops_and_loader(dataset, **kwargs):
+    root, store_path = dataset
+    loader = ReLabelLoader(root, store_path, 8, device="cpu", image_size=32, seed=4,
+                           return_meta=True, num_threads=1, **RAW, **kwargs)
+    return loader, [batch for batch in loader]
+
+
+def test_color_jitter_prob_jitters_that_share_and_leaves_the_rest(dataset):
+    """timm's --color-jitter-prob: the untouched crops are bit for bit the plain loader's
+    (the windows come from their own seed), the others differ."""
+    _, plain = crops_and_loader(dataset)
+    _, some = crops_and_loader(dataset, color_jitter=0.4, color_jitter_prob=0.5)
+    _, every = crops_and_loader(dataset, color_jitter=0.4)
+    same = [torch.equal(a, b) for x, y in zip(plain, some) for a, b in zip(x.images, y.images)]
+    assert 0.2 < np.mean(same) < 0.8
+    assert not any(torch.equal(a, b) for x, y in zip(plain, every)
+                   for a, b in zip(x.images, y.images))
+
+
+def test_grayscale_prob_makes_that_share_grey(dataset):
+    _, grey = crops_and_loader(dataset, grayscale_prob=1.0)
+    for batch in grey:  # RAW normalization: channels equal where grey
+        assert (batch.images[:, 0] - batch.images[:, 1]).abs().max() < 1e-3
+    _, half = crops_and_loader(dataset, grayscale_prob=0.5)
+    spread = torch.cat([(b.images[:, 0] - b.images[:, 2]).abs().flatten(1).max(1).values
+                        for b in half])
+    assert 0.2 < (spread < 1e-3).float().mean() < 0.8
+
+
+def test_gaussian_blur_prob_blurs_as_torchvisions_gaussian_blur(dataset):
+    """timm's --gaussian-blur-prob: torchvision's GaussianBlur(23) at the planned sigma."""
+    root = dataset[0]
+    loader, batches = crops_and_loader(dataset, gaussian_blur_prob=0.5)
+    sigma = loader.planner.plan(0).augment.blur_sigma
+    assert 0.2 < np.mean(sigma > 0) < 0.8 and sigma.max() <= 2.0
+    store = loader.store
+    for b, batch in enumerate(batches):
+        for k in range(len(batch.images)):
+            s = float(sigma[b * 8 + k])
+            path = f"{root}/{store.paths[batch.sample_index[k]]}"
+            crop = pil_crop(path, batch.boxes[k].numpy(), 32, bool(batch.flip[k]))
+            want = torch.from_numpy(crop).permute(2, 0, 1)
+            if s > 0:
+                want = TF.gaussian_blur(want, kernel_size=23, sigma=s)
+            diff = (batch.images[k] - want).abs().mean()
+            assert diff < 1.2, (s, float(diff))

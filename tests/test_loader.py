@@ -732,3 +732,54 @@ def test_val_loader_bicubic_matches_pil_bicubic(dataset):
             diffs.append(np.abs(np.asarray(want, np.float32) - got).mean())
     assert max(bicubic) < 0.5, bicubic
     assert np.median(bilinear) > 1.0, bilinear
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "random"])
+def test_training_interpolation_is_pils_filter_per_crop(dataset, interpolation):
+    """timm's --train-interpolation: bicubic crops are PIL's bicubic resize of the window;
+    "random" picks bilinear or bicubic per crop, as timm's default does."""
+    root, store_path = dataset
+    loader = ReLabelLoader(root, store_path, 8, device="cpu", image_size=40, seed=2,
+                           interpolation=interpolation, return_meta=True, num_threads=2, **RAW)
+    store = loader.store
+    chosen = []
+    for batch in collect(loader):
+        for k in range(len(batch.sample_index)):
+            path = os.path.join(root, store.paths[batch.sample_index[k]])
+            got = loader_pixels(batch, k)
+            box, flip = batch.boxes[k].numpy(), bool(batch.flip[k])
+            diffs = {name: np.abs(pil_crop(path, box, 40, flip, resample=resample) - got).mean()
+                     for name, resample in (("bilinear", Image.BILINEAR),
+                                            ("bicubic", Image.BICUBIC))}
+            best = min(diffs, key=diffs.get)
+            assert diffs[best] < 1.0 and diffs[best] < 0.7 * max(diffs.values()), diffs
+            chosen.append(best)
+    if interpolation == "bicubic":
+        assert set(chosen) == {"bicubic"}
+    else:
+        assert 0.2 < chosen.count("bicubic") / len(chosen) < 0.8
+
+
+def test_vertical_flips_turn_the_crop_and_its_token_targets(dataset):
+    """timm's --vflip: the crop upside down (PIL's), and token targets with their rows of
+    bins mirrored; a crop's own target does not change."""
+    root, store_path = dataset
+    loader = ReLabelLoader(root, store_path, 8, device="cpu", image_size=40, seed=3, vflip=0.5,
+                           output_size=3, return_meta=True, num_threads=2, **RAW)
+    store = loader.store
+    flipped = 0
+    for batch in collect(loader):
+        want_targets = reference_label_pooling(
+            store.values, store.indices, batch.boxes, num_classes=store.num_classes,
+            output_size=3, flip=batch.flip, sample_index=batch.sample_index).view(-1, 3, 3, 10)
+        want_targets = torch.where(batch.vflip[:, None, None, None], want_targets.flip(1),
+                                   want_targets)
+        assert_close(batch.targets, want_targets.view(-1, 9, 10), atol=1e-5, rtol=0)
+        for k in range(len(batch.sample_index)):
+            path = os.path.join(root, store.paths[batch.sample_index[k]])
+            want = pil_crop(path, batch.boxes[k].numpy(), 40, bool(batch.flip[k]))
+            if batch.vflip[k]:
+                want = want[::-1]
+                flipped += 1
+            assert np.abs(want - loader_pixels(batch, k)).mean() < 1.0
+    assert 0 < flipped < len(loader) * 8

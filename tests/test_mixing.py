@@ -191,6 +191,11 @@ def test_localized_cutmix_targets_of_whole_and_half_pastes():
     rect = [0.0, 0.25, 0.5, 0.75]
     assert_close(crop_to_image(boxes, flip, torch.tensor([rect] * 4))[0],
                  torch.stack([(x1 + x2) / 2, y1 + (y2 - y1) / 4, x2, y1 + 3 * (y2 - y1) / 4]))
+    # The top quarter of a crop shown upside down is the bottom quarter of its box.
+    top = torch.tensor([[0.0, 0.0, 1.0, 0.25]] * 4)
+    upside_down = torch.tensor([True] * 4)
+    assert_close(crop_to_image(boxes, flip, top, upside_down)[0],
+                 torch.stack([x1, y1 + 3 * (y2 - y1) / 4, x2, y2]))
     assert_close(targets(rect).sum(1), torch.ones(4))
     single = targets(rect, single=True)
     assert_close(single.sum(1), torch.ones(4))

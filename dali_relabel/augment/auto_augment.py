@@ -11,6 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali.auto_aug import augmentations as dali_aug
 from nvidia.dali.auto_aug.core import select
@@ -66,6 +67,10 @@ def _graph_ops(fill: int, size: int) -> dict[str, Callable]:
         "solarize": lambda data, p: dali_aug.solarize.op(data, p),
         "solarize_add": lambda data, p: dali_aug.solarize_add.op(
             data, fn.cast(p, dtype=types.UINT8)),
+        # timm's desaturate(factor): Color.enhance(1 - factor); PIL's GaussianBlur(radius)
+        # blurs with a Gaussian of standard deviation radius.
+        "desaturate": lambda data, p: dali_aug.color.op(data, dmath.clamp(1.0 - p, 0.0, 1.0)),
+        "gaussian_blur": lambda data, p: fn.gaussian_blur(data, sigma=p),
     }
 
 
@@ -79,6 +84,11 @@ def _enhance(v: np.ndarray) -> np.ndarray:
 
 def _enhance_increasing(v: np.ndarray) -> np.ndarray:
     return np.maximum(0.1, 1.0 + v / _LEVEL_DENOM * 0.9)
+
+
+def _minmax(v: np.ndarray, low: float, high: float) -> np.ndarray:
+    """timm's _minmax_level_to_arg: the level's share of [low, high], clamped."""
+    return np.clip(low + (high - low) * v / _LEVEL_DENOM, low, high)
 
 
 def _solarize(v: np.ndarray) -> np.ndarray:
@@ -113,6 +123,17 @@ _TIMM_OPS: dict[str, tuple[str, bool, Optional[Callable[[np.ndarray], np.ndarray
     "ShearY": ("shear_y", True, _level(0.3)),
     "TranslateXRel": ("translate_x", True, _level(0.45)),  # timm's translate_pct
     "TranslateYRel": ("translate_y", True, _level(0.45)),
+    # DeiT III's three-augment ("3a"): timm's minmax levels; GaussianBlurRand's radius is
+    # then drawn per image (see _RANDOM_PARAMS).
+    "Desaturate": ("desaturate", False, lambda v: _minmax(v, 0.5, 1.0)),
+    "GaussianBlurRand": ("gaussian_blur", False, lambda v: _minmax(v, 0.0, 1.0)),
+}
+# Operations whose argument is drawn per image from timm's level argument: GaussianBlurRand
+# blurs with a radius uniform in [0.1, 2 * factor].
+_RANDOM_PARAMS = {
+    # Python's random.uniform(a, b), which timm calls: a + (b - a) * U, also for b < a.
+    "GaussianBlurRand": lambda factor, rng: 0.1 + (2.0 * factor - 0.1) * rng.random(
+        np.shape(factor)),
 }
 # torchvision's policies (torchvision.transforms.autoaugment): operation name -> (DALI kind,
 # magnitude randomly negated). RandAugment's and TrivialAugmentWide's operations; AutoAugment
@@ -172,7 +193,7 @@ def _tv_params(name: str, magnitude: np.ndarray) -> np.ndarray:
 
 
 _RAND_KEYS = {"m": int, "n": int, "p": float, "mstd": float, "mmax": int, "inc": int}
-_AA_POLICIES = ("original", "originalr", "v0", "v0r")
+_AA_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +295,9 @@ class AutoAugmentPolicy:
             for k, name in enumerate(self.names):
                 _, signed, to_param = _TIMM_OPS[name]
                 mask = index == k
-                if to_param is not None:
+                if name in _RANDOM_PARAMS:
+                    params[mask] = _RANDOM_PARAMS[name](to_param(levels[mask]), rng)
+                elif to_param is not None:
                     params[mask] = to_param(np.where(negative[mask], -levels[mask],
                                                      levels[mask]) if signed else levels[mask])
         ops = np.where(applied, index, len(self.names))
@@ -387,7 +410,8 @@ def check_ra_magnitude(ra_magnitude: int) -> None:
 
 
 _SUPPORTED = ("timm's 'rand-...' (RandAugment, e.g. 'rand-m9-mstd0.5-inc1'), 'original', "
-              "'originalr', 'v0', 'v0r' (AutoAugment, optionally '-mstd<float>'); "
+              "'originalr', 'v0', 'v0r' (AutoAugment, optionally '-mstd<float>'), '3a' (DeiT III's "
+              "three-augment); "
               "torchvision's 'ra' (RandAugment), 'ta_wide' or 'trivialaugment' "
               "(TrivialAugmentWide), 'imagenet', 'cifar10', 'svhn' (AutoAugment)")
 

@@ -1,8 +1,10 @@
-"""Colour jitter and PCA lighting, planned on the host, applied in the DALI graph.
+"""Colour jitter, greyscale, Gaussian blur and PCA lighting, planned on the host, applied in
+the DALI graph.
 
 torchvision's ColorJitter (factors drawn per image, applied in a random order, float pixels
-clamped after each operation) and the AlexNet PCA lighting noise of fb.resnet.torch and the
-official ReLabel recipe.
+clamped after each operation; timm's --color-jitter-prob applies it to a share of the images),
+RandomGrayscale and GaussianBlur(23) as timm's --grayscale-prob and --gaussian-blur-prob, and
+the AlexNet PCA lighting noise of fb.resnet.torch and the official ReLabel recipe.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 
 __all__ = ["GRAY_WEIGHTS", "LIGHTING_EIGVAL", "LIGHTING_EIGVEC", "Range", "color_jitter_graph",
-           "parse_color_jitter", "plan_color_jitter", "plan_lighting"]
+           "gaussian_blur_graph", "grayscale_graph", "parse_color_jitter", "plan_color_jitter",
+           "plan_gaussian_blur", "plan_grayscale", "plan_lighting"]
 
 # AlexNet's PCA of ImageNet RGB (0-1 scale), as in fb.resnet.torch and the official ReLabel
 # code: eigenvalues and eigenvectors (one per column).
@@ -27,6 +30,9 @@ LIGHTING_EIGVEC = ((-0.5675, 0.7192, 0.4009),
 # Luma weights of PIL's convert("L"), the grey that contrast and saturation blend towards.
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 _JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
+# timm's --gaussian-blur-prob: torchvision's GaussianBlur(kernel_size=23), sigma in [0.1, 2].
+BLUR_WINDOW = 23
+BLUR_SIGMA = (0.1, 2.0)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
 Range = Optional[tuple[float, float]]
@@ -72,10 +78,11 @@ def parse_color_jitter(value: Union[None, float, Sequence[Any]]) -> Optional[tup
     return ranges if any(r is not None for r in ranges) else None
 
 
-def plan_color_jitter(ranges: tuple[Range, ...], n: int,
-                       rng: np.random.Generator) -> dict[str, np.ndarray]:
+def plan_color_jitter(ranges: tuple[Range, ...], n: int, rng: np.random.Generator,
+                      prob: Optional[float] = None) -> dict[str, np.ndarray]:
     """Factors and a random order of the enabled operations per sample (torchvision draws
-    every factor, then applies them in a random permutation)."""
+    every factor, then applies them in a random permutation); with `prob` (timm's
+    --color-jitter-prob, a RandomApply) only that share of the samples is jittered."""
     enabled = [k for k, r in enumerate(ranges) if r is not None]
     factors = np.zeros((n, 4), np.float32)
     for k in enabled:
@@ -89,12 +96,29 @@ def plan_color_jitter(ranges: tuple[Range, ...], n: int,
     blend[..., 1] = order == CONTRAST
     blend[..., 2] = order == SATURATION
     hue = np.where(order == HUE, factors[:, [HUE]], 0.0).astype(np.float32)
+    if prob is not None:  # the others get the identity: factor 1, no blend centre, no hue
+        skipped = rng.random(n) >= prob
+        blend[skipped] = (1.0, 0.0, 0.0)
+        hue[skipped] = 0.0
     plan = {}
     if any(ranges[k] is not None for k in (BRIGHTNESS, CONTRAST, SATURATION)):
         plan["jitter_blend"] = blend
     if ranges[HUE] is not None:
         plan["jitter_hue"] = hue
     return plan
+
+
+def plan_grayscale(prob: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """timm's --grayscale-prob (torchvision's RandomGrayscale): float32 [n], 1 where the
+    sample becomes grey."""
+    return (rng.random(n) < prob).astype(np.float32)
+
+
+def plan_gaussian_blur(prob: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """timm's --gaussian-blur-prob (RandomApply of torchvision's GaussianBlur(23), sigma
+    uniform in [0.1, 2]): float32 [n] sigma, 0 where the sample is not blurred."""
+    sigma = rng.uniform(*BLUR_SIGMA, size=n)
+    return np.where(rng.random(n) < prob, sigma, 0.0).astype(np.float32)
 
 
 def plan_lighting(alphastd: float, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -149,3 +173,17 @@ def color_jitter_graph(images, blend, hue, ranges: tuple[Range, ...]):
     return x
 
 
+def grayscale_graph(x, grey):
+    """Float RGB images (0-255) made grey (PIL's luma, in all three channels) where the
+    planned `grey` is 1."""
+    weights = types.Constant(np.array(GRAY_WEIGHTS, np.float32))
+    luma = fn.reductions.sum(x * weights, axes=2, keep_dims=True)
+    return x + grey * (luma - x)
+
+
+def gaussian_blur_graph(x, sigma):
+    """Float images blurred where the planned `sigma` is positive (a DALI conditional),
+    with torchvision's GaussianBlur(23) window."""
+    if sigma > 0:
+        x = fn.gaussian_blur(x, sigma=sigma, window_size=BLUR_WINDOW)
+    return x

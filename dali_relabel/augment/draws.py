@@ -47,6 +47,10 @@ class AugmentDraws(PerSample):
             height, width), zero-sized for none.
         erase_seed (ndarray[n], optional): int64 noise seed (a batch uses its first
             sample's).
+        grayscale (ndarray[n], optional): float32, 1 where the image becomes grey.
+        blur_sigma (ndarray[n], optional): float32 Gaussian blur sigma, 0 for none.
+        resize_filter (ndarray[n], optional): int32 DALI interpolation type of each crop's
+            resize (interpolation="random").
     """
 
     jitter_blend: Optional[np.ndarray] = None
@@ -56,3 +60,6 @@ class AugmentDraws(PerSample):
     aug_params: Optional[np.ndarray] = None
     erase_boxes: Optional[np.ndarray] = None
     erase_seed: Optional[np.ndarray] = None
+    grayscale: Optional[np.ndarray] = None
+    blur_sigma: Optional[np.ndarray] = None
+    resize_filter: Optional[np.ndarray] = None

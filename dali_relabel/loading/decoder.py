@@ -67,12 +67,16 @@ class _PlanFeed:
         return np.ascontiguousarray(array[:, 0] if self._plan.num_crops == 1 else array)
 
     def plan_batch(self, iteration: int) -> tuple[np.ndarray, ...]:
-        """Anchors (y, x), shapes (h, w), flips and rows of batch `iteration`."""
+        """Anchors (y, x), shapes (h, w), flips and rows of batch `iteration` (and the
+        vertical flips, when the plan has them)."""
         samples = self._samples(iteration)
         windows = self._plan.windows[samples]
-        return (self._per_image(windows[..., :2]), self._per_image(windows[..., 2:]),
-                self._per_image(self._plan.flips[samples].astype(np.int32)),
-                self._plan.rows[samples[:, 0]])
+        planned = (self._per_image(windows[..., :2]), self._per_image(windows[..., 2:]),
+                   self._per_image(self._plan.flips[samples].astype(np.int32)),
+                   self._plan.rows[samples[:, 0]])
+        if self._plan.vflips is not None:
+            planned += (self._per_image(self._plan.vflips[samples].astype(np.int32)),)
+        return planned
 
     def graph_batch(self, iteration: int) -> tuple[np.ndarray, ...]:
         """The planned augmentation parameters the graph takes, for batch `iteration`."""
@@ -134,6 +138,7 @@ class PlannedDecoder:
         files = [os.path.join(root, self._paths[row]) for row in plan.rows[::plan.num_crops]]
         pipe = train_pipeline(
             files, feed.plan_batch, check_sizes=check_sizes, num_crops=plan.num_crops,
+            vflip=plan.vflips is not None,
             batch_size=plan.batch_size // plan.num_crops,
             augment_source=feed.graph_batch if self._graph_arrays is not None else None,
             **self._pipeline_args)

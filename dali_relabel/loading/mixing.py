@@ -207,19 +207,23 @@ def smooth_targets(targets: Union[torch.Tensor, SparseTargets],
     return targets * (1.0 - smoothing) + smoothing / targets.shape[-1]
 
 
-def crop_to_image(boxes: torch.Tensor, flip: torch.Tensor, rects: torch.Tensor) -> torch.Tensor:
+def crop_to_image(boxes: torch.Tensor, flip: torch.Tensor, rects: torch.Tensor,
+                  vflip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Map rectangles of the output crops to the original images.
 
     Args:
         boxes (Tensor[M, 4]): the crops (x1, y1, x2, y2), normalized to their images.
         flip (Tensor[M]): bool, crops shown mirrored.
         rects (Tensor[M, 4]): rectangles (u1, v1, u2, v2) of the output images as shown
-            (after the flip), normalized to them.
+            (after the flips), normalized to them.
+        vflip (Tensor[M], optional): bool, crops shown upside down.
 
     Returns:
         Tensor[M, 4]: each rectangle as a box of its original image.
     """
     u1, v1, u2, v2 = rects.unbind(1)
+    if vflip is not None:
+        v1, v2 = torch.where(vflip, 1.0 - v2, v1), torch.where(vflip, 1.0 - v1, v2)
     left, right = torch.where(flip, 1.0 - u2, u1), torch.where(flip, 1.0 - u1, u2)
     width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     return torch.stack([boxes[:, 0] + left * width, boxes[:, 1] + v1 * height,
@@ -231,7 +235,8 @@ def localized_cutmix_targets(values: torch.Tensor, indices: torch.Tensor, *,
                              sample_index: torch.Tensor, partner_boxes: torch.Tensor,
                              partner_flip: torch.Tensor, partner_index: torch.Tensor,
                              rects: torch.Tensor, num_classes: int,
-                             single: bool = False) -> torch.Tensor:
+                             single: bool = False, vflip: Optional[torch.Tensor] = None,
+                             partner_vflip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Targets of crops into which `rects` of their partners' crops were pasted.
 
     Args:
@@ -243,6 +248,7 @@ def localized_cutmix_targets(values: torch.Tensor, indices: torch.Tensor, *,
             output image as shown.
         num_classes: C.
         single: one-hot argmax targets ("localized_single") instead of softmax.
+        vflip, partner_vflip (Tensor[M], optional): crops shown upside down.
 
     Returns:
         Tensor[M, C]: float32 targets, each summing to 1.
@@ -251,10 +257,11 @@ def localized_cutmix_targets(values: torch.Tensor, indices: torch.Tensor, *,
     kind = "argmax" if single else "softmax"
     pool = functools.partial(label_pooling, values, indices, num_classes=num_classes,
                              check_inputs=False)
-    pasted = pool(crop_to_image(partner_boxes, partner_flip, rects),
+    pasted = pool(crop_to_image(partner_boxes, partner_flip, rects, partner_vflip),
                   sample_index=partner_index, mode=kind)
     whole = pool(boxes, sample_index=sample_index, mode="logits")
-    covered = pool(crop_to_image(boxes, flip, rects), sample_index=sample_index, mode="logits")
+    covered = pool(crop_to_image(boxes, flip, rects, vflip), sample_index=sample_index,
+                   mode="logits")
     kept = torch.where(share < 1.0, share, 0.0)  # a whole paste leaves no remainder to pool
     remainder = (whole - kept * covered) / (1.0 - kept)
     if single:
@@ -299,10 +306,10 @@ class Mixer:
         self._bins = _token_bins(targets.output_size)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor,
-                 flips: torch.Tensor, rows: torch.Tensor,
-                 draws: MixDraws) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixed images and targets (boxes, flips and rows on the CPU, the rest on the
-        device); `draws` are this batch's."""
+                 flips: torch.Tensor, rows: torch.Tensor, draws: MixDraws,
+                 vflips: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed images and targets (boxes, flips, rows and vflips on the CPU, the rest on
+        the device); `draws` are this batch's."""
         lam, cut, box = draws.lam, draws.cut, draws.box
         localized_cut = cut if self._localized else np.zeros_like(cut)
         if (lam == 1.0).all():
@@ -327,12 +334,12 @@ class Mixer:
         if localized_cut.any():
             with self._targets.timer:
                 mixed_targets = self._localized_cutmix(targets, mixed_targets, boxes, flips,
-                                                       rows, localized_cut, box)
+                                                       rows, localized_cut, box, vflips)
         return mixed, mixed_targets
 
     def _localized_cutmix(self, targets: torch.Tensor, mixed: torch.Tensor, boxes: torch.Tensor,
                           flips: torch.Tensor, rows: torch.Tensor, cut: np.ndarray,
-                          box: np.ndarray) -> torch.Tensor:
+                          box: np.ndarray, vflips: Optional[torch.Tensor]) -> torch.Tensor:
         """CutMix samples' targets token by token: outside the rectangle the base's, inside
         the partner's, and where its edge crosses a token pooled by localized_cutmix_targets."""
         b, tokens = len(boxes), len(self._bins)
@@ -360,12 +367,12 @@ class Mixer:
                         - bins[edge][:, [0, 1, 0, 1]]) * self._targets.output_size
             dst = _transfer.to_device(sample[edge] * tokens + token[edge], device)
             flat_mixed[dst] = self._edge_targets(boxes, flips, rows, sample[edge],
-                                                 partner[edge], bins[edge], relative)
+                                                 partner[edge], bins[edge], relative, vflips)
         return flat_mixed.view_as(mixed)
 
     def _edge_targets(self, boxes: torch.Tensor, flips: torch.Tensor, rows: torch.Tensor,
                       sample: np.ndarray, partner: np.ndarray, bins: np.ndarray,
-                      relative: np.ndarray) -> torch.Tensor:
+                      relative: np.ndarray, vflips: Optional[torch.Tensor]) -> torch.Tensor:
         """localized_cutmix_targets of the tokens the rectangle's edge crosses (each token's
         bin mapped into its image is the crop, `relative` the pasted part of it)."""
         maker, device = self._targets, self._targets.device
@@ -379,11 +386,16 @@ class Mixer:
             index = torch.arange(len(rows), device=device)
         sample, partner = _transfer.to_device(sample, device), _transfer.to_device(partner, device)
         bins = _transfer.to_device(bins.astype(np.float32), device)
+        up = down = None
+        if vflips is not None:
+            vflips = _transfer.to_device(vflips, device)
+            up, down = vflips[sample], vflips[partner]
         return localized_cutmix_targets(
             values, indices,
-            boxes=crop_to_image(boxes[sample], flips[sample], bins), flip=flips[sample],
+            boxes=crop_to_image(boxes[sample], flips[sample], bins, up), flip=flips[sample],
             sample_index=index[sample],
-            partner_boxes=crop_to_image(boxes[partner], flips[partner], bins),
+            partner_boxes=crop_to_image(boxes[partner], flips[partner], bins, down),
             partner_flip=flips[partner], partner_index=index[partner],
             rects=_transfer.to_device(relative.astype(np.float32), device),
-            num_classes=store.num_classes, single=maker.label_mode == "localized_single")
+            num_classes=store.num_classes, single=maker.label_mode == "localized_single",
+            vflip=up, partner_vflip=down)

@@ -38,7 +38,7 @@ def _normalize(images, *, flip, mean, std: Sequence[float], dtype, channels_last
 
 @pipeline_def
 def train_pipeline(files: Sequence[str], plan_source: Callable, *, decoder_device: str,
-                   decode: str, num_crops: int, image_size: int, interpolation: str,
+                   decode: str, num_crops: int, vflip: bool, image_size: int, interpolation: str,
                    mean: Sequence[float], std: Sequence[float], dtype, channels_last: bool,
                    adjust_orientation: bool, jpeg_fancy_upsampling: bool, check_sizes: bool,
                    augment: Optional[Augmentations] = None,
@@ -52,16 +52,18 @@ def train_pipeline(files: Sequence[str], plan_source: Callable, *, decoder_devic
             short of `batch_size` is padded with its last file.
         plan_source: ``plan_source(iteration)`` returns batch `iteration` of the plan, padded
             as `files` is, as four arrays: anchors (y, x) int32 [n, 2], shapes (h, w) int32
-            [n, 2], flips int32 [n] and label-map rows int64 [n]; with num_crops N > 1 the
-            first three hold N crops per image ([n, N, 2], [n, N, 2], [n, N]). StopIteration
-            at its end.
+            [n, 2], flips int32 [n] and label-map rows int64 [n] (then, with `vflip`, vertical
+            flips int32 [n]); with num_crops N > 1 the per-crop arrays hold N crops per image
+            ([n, N, 2], [n, N, 2], [n, N]). StopIteration at its end.
         decoder_device: "mixed" (GPU decoding) or "cpu".
         decode: "roi" decodes each planned window only; "full" decodes the whole image and
             crops the windows from it (on the GPU with "mixed"). Both give the same window.
         num_crops: Crops per decoded image ("full" only when > 1); the images output holds
             them as [N, ...] per image.
+        vflip: The plan has vertical flips.
         image_size: Side of the square output images.
-        interpolation: Resize filter: "bilinear" or "bicubic" (antialiased).
+        interpolation: Resize filter: "bilinear" or "bicubic" (antialiased); per image when
+            the augmentation parameters carry a resize filter.
         mean: Per-channel mean to subtract, 0-255 scale.
         std: Per-channel std to divide by, 0-255 scale.
         dtype: DALI output type of the images (types.FLOAT or types.FLOAT16).
@@ -82,10 +84,12 @@ def train_pipeline(files: Sequence[str], plan_source: Callable, *, decoder_devic
     jpegs, _ = fn.readers.file(files=list(files), random_shuffle=False, pad_last_batch=True,
                                dont_use_mmap=True, name=READER_NAME)
     crops = num_crops > 1
-    anchor, shape, flip, row = fn.external_source(
-        source=plan_source, num_outputs=4, batch=True,
-        dtype=[types.INT32, types.INT32, types.INT32, types.INT64],
-        ndim=[2, 2, 1, 0] if crops else [1, 1, 0, 0])
+    planned = fn.external_source(
+        source=plan_source, num_outputs=4 + vflip, batch=True,
+        dtype=[types.INT32, types.INT32, types.INT32, types.INT64] + [types.INT32] * vflip,
+        ndim=([2, 2, 1, 0] if crops else [1, 1, 0, 0]) + [int(crops)] * vflip)
+    anchor, shape, flip, row = planned[:4]
+    vflips = planned[4] if vflip else None
     decoding = dict(device=decoder_device, output_type=types.RGB,
                     adjust_orientation=adjust_orientation,
                     jpeg_fancy_upsampling=jpeg_fancy_upsampling,
@@ -112,6 +116,7 @@ def train_pipeline(files: Sequence[str], plan_source: Callable, *, decoder_devic
     for j, window in enumerate(windows):
         outputs.append(_finish_crop(
             window, flip[j] if crops else flip,
+            None if vflips is None else vflips[j] if crops else vflips,
             None if params is None else {k: v[j] if crops else v for k, v in params.items()},
             augment=augment, image_size=image_size, interpolation=interpolation, mean=mean,
             std=std, dtype=dtype, channels_last=channels_last))
@@ -122,11 +127,16 @@ def train_pipeline(files: Sequence[str], plan_source: Callable, *, decoder_devic
                                             dtype=types.INT32)
 
 
-def _finish_crop(images, flip, params, *, augment, image_size: int, interpolation: str,
+def _finish_crop(images, flip, vflip, params, *, augment, image_size: int, interpolation: str,
                  mean: Sequence[float], std: Sequence[float], dtype, channels_last: bool):
     """One planned window to a training image: resize, flip, augment, normalize."""
-    images = fn.resize(images, size=[image_size, image_size],
-                       interp_type=INTERPOLATIONS[interpolation], antialias=True)
+    interp_type = INTERPOLATIONS.get(interpolation, types.INTERP_LINEAR)
+    if params is not None and "resize_filter" in params:
+        interp_type = fn.cast(params["resize_filter"], dtype=types.INTERP_TYPE)
+    images = fn.resize(images, size=[image_size, image_size], interp_type=interp_type,
+                       antialias=True)
+    if vflip is not None:  # before a policy's warps and the colour operations, as timm
+        images = fn.flip(images, vertical=vflip, horizontal=0)
     mean = list(mean)
     if params is not None:
         if augment.policy is not None:  # its shears and rotations act on the mirrored crop

@@ -96,6 +96,8 @@ class EpochPlan(PerSample):
         windows (ndarray[n, 4]): int32 crop windows (y, x, h, w) in pixels.
         flips (ndarray[n]): bool, whether each crop is mirrored.
         boxes (ndarray[n, 4]): float32 crop boxes (x1, y1, x2, y2), normalized to the image.
+        vflips (ndarray[n], optional): bool, whether each crop is flipped vertically (None
+            without vertical flips).
         augment: The augmentation draws.
         mixing: The mixing draws, or None without mixing.
         batch_size: Samples per batch; the last batch may be shorter.
@@ -113,6 +115,7 @@ class EpochPlan(PerSample):
     batch_size: int
     num_crops: int = 1
     skipped: int = 0
+    vflips: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         """Batches in the plan."""
@@ -153,6 +156,7 @@ class EpochPlanner:
         scale: RandomResizedCrop area range.
         ratio: RandomResizedCrop aspect-ratio range.
         hflip: Probability of a horizontal flip.
+        vflip: Probability of a vertical flip (timm's --vflip).
         augment: The augmentations whose parameters are drawn (None: none).
         mixing: The mixing whose parameters are drawn (None or disabled: none).
         image_size: Side of the output images (the draws' pixel scale).
@@ -162,8 +166,8 @@ class EpochPlanner:
     def __init__(self, sizes: np.ndarray, rows: np.ndarray, *, batch_size: int, seed: int,
                  shuffle: bool, shard_id: int, num_shards: int, drop_last: bool,
                  scale: tuple[float, float], ratio: tuple[float, float], hflip: float,
-                 augment: Any = None, mixing: Optional[Mixing] = None, image_size: int = 224,
-                 num_crops: int = 1) -> None:
+                 vflip: float = 0.0, augment: Any = None, mixing: Optional[Mixing] = None,
+                 image_size: int = 224, num_crops: int = 1) -> None:
         assert sizes.ndim == 2 and sizes.shape[1] == 2, sizes.shape
         assert batch_size % num_crops == 0 and (num_crops == 1 or drop_last), num_crops
         self.sizes = sizes
@@ -177,6 +181,7 @@ class EpochPlanner:
         self.scale = scale
         self.ratio = ratio
         self.hflip = hflip
+        self.vflip = vflip
         self.augment = augment
         self.mixing = mixing if mixing is not None and mixing.enabled else None
         self.image_size = image_size
@@ -217,6 +222,7 @@ class EpochPlanner:
         sizes = self.sizes[rows]
         windows = random_resized_crop_windows(sizes, self.scale, self.ratio, rng)
         flips = rng.random(len(rows)) < self.hflip
+        vflips = rng.random(len(rows)) < self.vflip if self.vflip > 0 else None
         y, x, h, w = (windows[:, i].astype(np.float32) for i in range(4))
         height, width = (sizes[:, i].astype(np.float32) for i in range(2))
         boxes = np.stack([x / width, y / height, (x + w) / width, (y + h) / height], axis=1)
@@ -227,7 +233,7 @@ class EpochPlanner:
                   if self.mixing is not None else None)
         return EpochPlan(epoch=epoch, rows=rows, windows=windows, flips=flips, boxes=boxes,
                          augment=augment, mixing=mixing, batch_size=self.batch_size,
-                         num_crops=self.num_crops)
+                         num_crops=self.num_crops, vflips=vflips)
 
     def identity(self) -> dict[str, Any]:
         """The settings that fix the sample order: a saved position is only valid for them."""

@@ -116,6 +116,20 @@ def check_store(store: LabelMapStore, rows: np.ndarray, *, label_mode: str) -> N
                          f"{store.path} --full` to list them all")
 
 
+def _flip_token_rows(targets: Union[torch.Tensor, SparseTargets], vflip: torch.Tensor,
+                     size: int) -> Union[torch.Tensor, SparseTargets]:
+    """Token targets [B, S*S, ...] with the S rows of bins mirrored where `vflip`."""
+    def mirror(tensor: torch.Tensor) -> torch.Tensor:
+        grid = tensor.reshape(len(tensor), size, size, *tensor.shape[2:])
+        where = vflip.view(-1, *([1] * (grid.dim() - 1)))
+        return torch.where(where, grid.flip(1), grid).reshape(tensor.shape)
+
+    if isinstance(targets, SparseTargets):
+        return SparseTargets(mirror(targets.fill), mirror(targets.classes),
+                             mirror(targets.probs), targets.num_classes)
+    return mirror(targets)
+
+
 class TargetMaker:
     """Makes a batch's targets for one label mode.
 
@@ -157,21 +171,28 @@ class TargetMaker:
         self._whole_image = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device)
         self.timer = timer if timer is not None else _Timer(device)
 
-    def __call__(self, boxes: torch.Tensor, flip: torch.Tensor,
-                 rows: torch.Tensor) -> Union[torch.Tensor, SparseTargets]:
+    def __call__(self, boxes: torch.Tensor, flip: torch.Tensor, rows: torch.Tensor,
+                 vflip: Optional[torch.Tensor] = None) -> Union[torch.Tensor, SparseTargets]:
         """Targets for crops `boxes` of store rows `rows`.
 
         Args:
             boxes (Tensor[B, 4]): crop boxes (x1, y1, x2, y2), normalized, on the CPU.
             flip (Tensor[B]): bool, mirrored crops, on the CPU.
             rows (Tensor[B]): int64 store rows, on the CPU.
+            vflip (Tensor[B], optional): bool, crops flipped vertically, on the CPU (token
+                targets follow them; a crop's own target does not change).
 
         Returns:
             Tensor[B, C] (or [B, S*S, C]) float32 on the device; with `sparse`, SparseTargets
             with rows [B] (or [B, S*S]).
         """
         with self.timer:
-            return self._targets(boxes, flip, rows)
+            targets = self._targets(boxes, flip, rows)
+            if vflip is not None and self.output_size > 1 and self.label_mode.startswith(
+                    "localized"):
+                targets = _flip_token_rows(targets, _transfer.to_device(vflip, self.device),
+                                           self.output_size)
+            return targets
 
     def _targets(self, boxes: torch.Tensor, flip: torch.Tensor,
                  rows: torch.Tensor) -> Union[torch.Tensor, SparseTargets]:

@@ -33,7 +33,7 @@ from dali_relabel.loading.decode_choice import DECODE_CHOICES, choose_decode, gp
 from dali_relabel.loading.decoder import PlannedDecoder
 from dali_relabel.loading.mixing import Mixer, Mixing, check_label_smoothing, mixing_fields, \
     smooth_targets
-from dali_relabel.loading.pipeline import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from dali_relabel.loading.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from dali_relabel.loading.plan import EpochPlan, EpochPlanner
 from dali_relabel.loading.targets import LABEL_MODES, TargetMaker, check_store
 from dali_relabel.ops.sparse_targets import SparseTargets
@@ -76,6 +76,8 @@ class ReLabelBatch:
         crop_targets (Tensor[B, C], optional): with ``crop_targets=True`` and
             output_size > 1, every crop's own (S = 1) target, for a class token beside the
             token targets; else None.
+        vflip (Tensor[B], optional): bool, whether the crop was flipped vertically (None
+            without ``vflip``).
     """
 
     images: torch.Tensor
@@ -89,6 +91,7 @@ class ReLabelBatch:
     cut_box: torch.Tensor
     partner: torch.Tensor
     crop_targets: Optional[torch.Tensor] = None
+    vflip: Optional[torch.Tensor] = None
 
 
 def _open_store(labelmaps, placement: Optional[str], device: torch.device) -> LabelMapStore:
@@ -179,8 +182,9 @@ class ReLabelLoader:
         scale: RandomResizedCrop area range, as torchvision's.
         ratio: RandomResizedCrop aspect-ratio range, as torchvision's.
         hflip: Probability of a horizontal flip.
-        interpolation: Training resize filter, "bilinear" or "bicubic" (timm's
-            --train-interpolation; both antialiased).
+        vflip: Probability of a vertical flip (timm's --vflip; token targets follow it).
+        interpolation: Training resize filter: "bilinear", "bicubic" or "random" (one of the
+            two per crop: timm's default --train-interpolation); antialiased.
         label_mode: One of LABEL_MODES, the rows of the paper's factor analysis.
         output_size: S; S > 1 gives token targets [B, S*S, C], mirrored with the image.
         sparse_targets: Yield SparseTargets (docs/training.md#token-targets).
@@ -213,7 +217,10 @@ class ReLabelLoader:
             on `device`).
         check_sizes: Check decoded sizes against the plan until one whole epoch has run.
         color_jitter: torchvision ColorJitter: a float, or (b, c, s[, h]) floats or ranges.
+        color_jitter_prob: Share of the crops jittered (timm's --color-jitter-prob).
         force_color_jitter: Apply color_jitter beside auto_augment (timm replaces it).
+        grayscale_prob: Probability of a grey crop (timm's --grayscale-prob).
+        gaussian_blur_prob: Probability of a Gaussian blur (timm's --gaussian-blur-prob).
         lighting: alphastd of the PCA lighting noise (0.1 in the official ReLabel recipe).
         auto_augment: A policy by timm's (--aa) or torchvision's (--auto-augment) name; see
             ``augment.parse_auto_augment``.
@@ -248,6 +255,7 @@ class ReLabelLoader:
         scale: Tuple[float, float] = (0.08, 1.0),
         ratio: Tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
+        vflip: float = 0.0,
         interpolation: str = "bilinear",
         label_mode: str = "localized_multi",
         output_size: int = 1,
@@ -275,7 +283,10 @@ class ReLabelLoader:
         fused_gather: Optional[bool] = None,
         check_sizes: bool = True,
         color_jitter: Union[None, float, Sequence[Any]] = None,
+        color_jitter_prob: Optional[float] = None,
         force_color_jitter: bool = False,
+        grayscale_prob: float = 0.0,
+        gaussian_blur_prob: float = 0.0,
         lighting: float = 0.0,
         auto_augment: Optional[str] = None,
         ra_magnitude: int = 9,
@@ -324,11 +335,12 @@ class ReLabelLoader:
             raise ValueError("decode='roi' decodes one window per image; num_crops > 1 decodes "
                              "each image whole once and cuts its crops (decode='full' or "
                              "'auto')")
-        check.check_choice("interpolation", interpolation, tuple(INTERPOLATIONS))
         self.augment = Augmentations.create(
             color_jitter=color_jitter, force_color_jitter=force_color_jitter,
             lighting=lighting, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode,
-            re_count=re_count, ra_magnitude=ra_magnitude)
+            re_count=re_count, ra_magnitude=ra_magnitude, color_jitter_prob=color_jitter_prob,
+            grayscale_prob=grayscale_prob, gaussian_blur_prob=gaussian_blur_prob,
+            interpolation=interpolation)
         self.mixing = Mixing.create(
             mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax,
             mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob, mixup_mode=mixup_mode,
@@ -345,6 +357,7 @@ class ReLabelLoader:
         scale = check.check_range("scale", scale, 0.0, 1.0)
         ratio = check.check_range("ratio", ratio, 0.0)
         hflip = check.check_probability("hflip", hflip)
+        vflip = check.check_probability("vflip", vflip)
         mean, std = check_mean_std(mean, std)
         self.device, device_id = resolve_device(device)
         shard_id, num_shards = resolve_shard(shard_id, num_shards)
@@ -361,7 +374,7 @@ class ReLabelLoader:
             _image_sizes(self.store, self.image_root, rows, adjust_orientation), rows,
             batch_size=batch_size, seed=seed, shuffle=shuffle, shard_id=shard_id,
             num_shards=num_shards, drop_last=drop_last, scale=scale, ratio=ratio, hflip=hflip,
-            augment=self.augment, mixing=self.mixing, image_size=image_size,
+            vflip=vflip, augment=self.augment, mixing=self.mixing, image_size=image_size,
             num_crops=num_crops)
         if len(self) == 0:
             raise ValueError(
@@ -478,13 +491,15 @@ class ReLabelLoader:
     def _batch(self, images: torch.Tensor, batch: EpochPlan):
         boxes, flips, rows = (torch.from_numpy(a) for a in (batch.boxes, batch.flips,
                                                               batch.rows))
-        targets = self.targets(boxes, flips, rows)
+        vflips = None if batch.vflips is None else torch.from_numpy(batch.vflips)
+        targets = self.targets(boxes, flips, rows, vflips)
         crop_targets = (self._crop_targets(boxes, flips, rows)
                         if self._crop_targets is not None else None)
         images = finish_images(images, self.device, self.dtype, self.channels_last)
         mixed = self._mixer is not None and self.mixup_enabled
         if mixed:
-            images, targets = self._mixer(images, targets, boxes, flips, rows, batch.mixing)
+            images, targets = self._mixer(images, targets, boxes, flips, rows, batch.mixing,
+                                          vflips)
         targets = smooth_targets(targets, self.label_smoothing)
         if crop_targets is not None:
             crop_targets = smooth_targets(crop_targets, self.label_smoothing)
@@ -498,6 +513,8 @@ class ReLabelLoader:
                             flip=_transfer.to_device(flips, self.device),
                             sample_index=_transfer.to_device(rows, self.device),
                             crop_targets=crop_targets,
+                            vflip=None if vflips is None else _transfer.to_device(
+                                vflips, self.device),
                             **mixing_fields(batch.mixing if mixed else None, len(rows),
                                             self.image_size, self.device))
 
