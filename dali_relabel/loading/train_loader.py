@@ -518,6 +518,25 @@ class ReLabelLoader:
                             **mixing_fields(batch.mixing if mixed else None, len(rows),
                                             self.image_size, self.device))
 
+    @classmethod
+    def from_torchvision_args(cls, args: Any, **overrides: Any) -> "ReLabelLoader":
+        """The loader of torchvision's references/classification/train.py flags (its parsed
+        namespace); keyword arguments override the mapped ones. A flag set to a value the
+        loader cannot honour raises a ValueError naming it (docs/switching.md)."""
+        from dali_relabel.loading.script_args import torchvision_train_kwargs
+
+        return cls(**torchvision_train_kwargs(args, **overrides))
+
+    @classmethod
+    def from_timm_args(cls, args: Any, data_config: Mapping[str, Any], *, device: Any,
+                       **overrides: Any) -> "ReLabelLoader":
+        """The loader of timm's train.py flags and its resolved data_config; keyword
+        arguments override the mapped ones. A flag set to a value the loader cannot honour
+        raises a ValueError naming it (docs/switching.md)."""
+        from dali_relabel.loading.script_args import timm_train_kwargs
+
+        return cls(**timm_train_kwargs(args, data_config, device=device, **overrides))
+
     def label_pooling_ms(self) -> float:
         """Milliseconds spent making targets (LabelPooling, CutMix's and crop targets
         included) since the last call.

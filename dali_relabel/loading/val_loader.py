@@ -3,7 +3,7 @@ decoded by DALI on the GPU ("mixed") or the CPU, sharded so that every image cou
 import logging
 import math
 import os
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -135,6 +135,23 @@ class ValLoader:
             adjust_orientation=adjust_orientation, jpeg_fancy_upsampling=jpeg_fancy_upsampling,
             batch_size=batch_size, num_threads=num_threads or cpu_share(),
             device_id=self._device_id, seed=0)
+
+    @classmethod
+    def from_torchvision_args(cls, args: Any, **overrides: Any) -> "ValLoader":
+        """The loader of torchvision's references/classification/train.py flags; keyword
+        arguments override the mapped ones (docs/switching.md)."""
+        from dali_relabel.loading.script_args import torchvision_val_kwargs
+
+        return cls(**torchvision_val_kwargs(args, **overrides))
+
+    @classmethod
+    def from_timm_args(cls, args: Any, data_config: Mapping[str, Any], *, device: Any,
+                       **overrides: Any) -> "ValLoader":
+        """The loader of timm's train.py flags and its resolved data_config; keyword
+        arguments override the mapped ones (docs/switching.md)."""
+        from dali_relabel.loading.script_args import timm_val_kwargs
+
+        return cls(**timm_val_kwargs(args, data_config, device=device, **overrides))
 
     @property
     def num_classes(self) -> int:
