@@ -75,7 +75,8 @@ def check_probability(name: str, value: Any) -> float:
     return check_float(name, value, 0.0, 1.0)
 
 
-def check_range(name: str, value: Any, low: float, high: float = math.inf) -> tuple[float, float]:
+def check_range(name: str, value: Any, low: float,
+                high: float = math.inf) -> tuple[float, float]:
     """A (min, max) pair of finite floats with low < min <= max <= high, else a ValueError
     naming `name`."""
     if (isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray))

@@ -379,6 +379,32 @@ def test_exclude_and_missing_files(dataset, tmp_path):
                  "[0, 30]", id="ra-magnitude-31"),
     pytest.param(dict(auto_augment="augmix"), "auto_augment='augmix': AugMix is not supported",
                  id="augmix"),
+    # Bounds that kept DALI from aborting the process or failing after start.
+    pytest.param(dict(num_threads=100000), "num_threads must be an int in [1, 256]",
+                 id="num-threads-100000"),
+    pytest.param(dict(num_threads=0), "num_threads must be an int in [1, 256]",
+                 id="num-threads-0"),
+    pytest.param(dict(prefetch=100000), "prefetch must be an int in [1, 256]",
+                 id="prefetch-100000"),
+    pytest.param(dict(image_size=100000), "image_size must be an int in [1, 4096]",
+                 id="image-size-100000"),
+    # No NaN or inf reaches the pixels or the draws.
+    pytest.param(dict(mean=(float("nan"),) * 3), "mean must be 3 finite floats", id="mean-nan"),
+    pytest.param(dict(std=(float("inf"),) * 3), "std must be 3 finite floats", id="std-inf"),
+    pytest.param(dict(mixup_alpha=float("inf")), "mixup_alpha must be a finite float >= 0",
+                 id="mixup-alpha-inf"),
+    pytest.param(dict(ratio=(0.75, float("inf"))), "ratio must be (min, max) with 0 < min <= "
+                 "max, finite", id="ratio-inf"),
+    pytest.param(dict(color_jitter=float("nan")), "color_jitter: brightness must be a finite "
+                 "float", id="color-jitter-nan"),
+    # Each wrong type named.
+    pytest.param(dict(hflip="0.5"), "hflip must be a float in [0, 1], got '0.5'", id="hflip-str"),
+    pytest.param(dict(seed=-1), "seed must be an int in [0, ", id="seed-negative"),
+    pytest.param(dict(seed=None), "seed must be an int in [0, ", id="seed-none"),
+    pytest.param(dict(device="tpu"), "device must be 'cuda' or 'cpu'", id="device-tpu"),
+    pytest.param(dict(vflip=2.0), "vflip must be a float in [0, 1]", id="vflip-2"),
+    pytest.param(dict(interpolation="lanczos"), "interpolation must be one of ('bilinear', "
+                 "'bicubic', 'random')", id="interpolation-lanczos"),
 ])
 def test_bad_arguments(dataset, kwargs, message):
     root, store_path = dataset
@@ -783,3 +809,62 @@ def test_vertical_flips_turn_the_crop_and_its_token_targets(dataset):
                 flipped += 1
             assert np.abs(want - loader_pixels(batch, k)).mean() < 1.0
     assert 0 < flipped < len(loader) * 8
+
+
+@pytest.mark.parametrize("labelmaps, error, message", [
+    (None, ValueError, "labelmaps must be a label-map file path"),
+    (123, ValueError, "labelmaps must be a label-map file path"),
+    ("no/such/maps.h5", FileNotFoundError, "labelmaps: no/such/maps.h5 is not a file"),
+])
+def test_a_missing_or_wrong_labelmaps_is_named(dataset, labelmaps, error, message):
+    with pytest.raises(error) as info:
+        ReLabelLoader(dataset[0], labelmaps, 4, device="cpu")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("image_root, error, message", [
+    (None, ValueError, "image_root must be a folder path"),
+    ("no/such/folder", FileNotFoundError, "image_root: no/such/folder is not a folder"),
+])
+def test_a_missing_or_wrong_image_root_is_named(dataset, image_root, error, message):
+    with pytest.raises(error) as info:
+        ReLabelLoader(image_root, dataset[1], 4, device="cpu")
+    assert message in str(info.value)
+
+
+def test_an_original_label_beyond_the_classes_is_refused_at_start(dataset, tmp_path):
+    root, store_path = dataset
+    import h5py
+    import shutil
+    path = tmp_path / "maps.h5"
+    shutil.copyfile(store_path, path)
+    with h5py.File(path, "r+") as f:  # as a file from elsewhere may hold it
+        f["labels"][3] = 10  # one past the last class
+    with pytest.raises(ValueError, match=r"/labels holds class ids outside \[0, 10\) for 1 "
+                                         r"images, first rows \[3\]"):
+        ReLabelLoader(root, path, 4, device="cpu", label_mode="original")
+
+
+def test_val_loader_names_duplicate_classes_and_empty_files(dataset, tmp_path):
+    root = dataset[0]
+    with pytest.raises(ValueError, match=r"classes must be unique names, found \['n00000001'\]"):
+        ValLoader(root, 4, device="cpu", classes=["n00000000", "n00000001", "n00000001"])
+    import shutil
+    copy = tmp_path / "val"
+    shutil.copytree(root, copy)
+    (copy / "n00000001" / "img_004.JPEG").write_bytes(b"")
+    with pytest.raises(ValueError, match="1 image\\(s\\) under .* are empty files: "
+                                         "\\['n00000001/img_004.JPEG'\\]"):
+        ValLoader(str(copy), 4, device="cpu")
+
+
+def test_val_loader_names_a_file_that_fails_to_decode(dataset, tmp_path):
+    import shutil
+    copy = tmp_path / "val"
+    shutil.copytree(dataset[0], copy)
+    truncated = copy / "n00000002" / "img_005.JPEG"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    loader = ValLoader(str(copy), 4, device="cpu", image_size=32, resize_size=36, num_threads=1)
+    with pytest.raises(RuntimeError, match="1 validation image\\(s\\) failed to decode: "
+                                           "n00000002/img_005.JPEG"):
+        list(loader)

@@ -41,6 +41,9 @@ Range = Optional[tuple[float, float]]
 def _jitter_range(name: str, value: Union[float, Sequence[float]]) -> Range:
     """torchvision ColorJitter's range of one factor; None when it changes nothing."""
     center, low, high = (0.0, -0.5, 0.5) if name == "hue" else (1.0, 0.0, math.inf)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(
+            value):
+        raise ValueError(f"color_jitter: {name} must be a finite float, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0 or (name == "hue" and value > 0.5):
             bound = "[0, 0.5]" if name == "hue" else ">= 0"
@@ -49,7 +52,8 @@ def _jitter_range(name: str, value: Union[float, Sequence[float]]) -> Range:
         if name != "hue":
             value = (max(value[0], 0.0), value[1])
     elif (not isinstance(value, Sequence) or len(value) != 2
-          or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+          or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and math.isfinite(v) for v in value)
           or not low <= value[0] <= value[1] <= high):
         raise ValueError(f"color_jitter: {name} must be a float or a (min, max) pair within "
                          f"[{low}, {high}], got {value!r}")

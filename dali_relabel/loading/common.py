@@ -9,12 +9,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from dali_relabel import _transfer
+from dali_relabel import _checks, _transfer
 
-__all__ = ["EpochSampler", "LoaderDataset", "check_epoch", "check_mean_std", "check_range",
+__all__ = ["EpochSampler", "LoaderDataset", "check_epoch", "check_mean_std",
            "dali_image_dtype", "finish_images", "resolve_device", "resolve_shard"]
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,11 @@ def resolve_device(device: str | torch.device) -> tuple[torch.device, int | None
     A bare "cuda" means this process's GPU: LOCAL_RANK (modulo the visible GPUs, so that a
     launcher giving each process one visible GPU works too) when set, else the current one.
     """
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cuda' or 'cpu' (or a torch.device), got "
+                         f"{device!r}") from None
     if device.type == "cpu":
         return device, None
     if device.type != "cuda":
@@ -110,22 +115,16 @@ def finish_images(images: torch.Tensor, device: torch.device, dtype: torch.dtype
     return images if images.dtype == dtype else images.to(dtype)
 
 
-def check_range(name: str, value: Sequence[float], low: float) -> tuple[float, float]:
-    """(min, max) floats with low < min <= max, else a ValueError naming `name`."""
-    if len(value) != 2 or not low < value[0] <= value[1]:
-        raise ValueError(f"{name} must be (min, max) with {low} < min <= max, got {value!r}")
-    return float(value[0]), float(value[1])
-
-
 def check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple, tuple]:
     """The normalization as 3-tuples on the decoded pixels' 0-255 scale.
 
     timm's and torchvision's constants are on the 0-1 scale; an std below 1 on 0-255 pixels
     would blow the images up by more than 255x, so it is refused with the fix in the message.
     """
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if len(mean) != 3 or len(std) != 3:
+    if not isinstance(mean, (Sequence, np.ndarray)) or not isinstance(
+            std, (Sequence, np.ndarray)) or len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std must have 3 values (R, G, B), got {mean!r}, {std!r}")
+    mean, std = _checks.check_rgb("mean", mean), _checks.check_rgb("std", std)
     if min(std) <= 0:
         raise ValueError(f"std must be > 0, got {std!r}")
     if max(std) < 1:

@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from dali_relabel import _transfer
+from dali_relabel import _checks, _transfer
 from dali_relabel.augment.draws import PerSample
 from dali_relabel.ops.label_pooling import label_pooling
 from dali_relabel.ops.sparse_targets import SparseTargets
@@ -38,13 +38,6 @@ __all__ = ["MIXUP_MODES", "MixDraws", "Mixer", "Mixing", "check_label_smoothing"
            "crop_to_image", "localized_cutmix_targets", "mixing_fields", "smooth_targets"]
 
 MIXUP_MODES = ("batch", "pair", "elem")
-
-
-def _check_float(name: str, value: float, low: float, high: float = float("inf")) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        bound = f"in [{low}, {high}]" if high != float("inf") else f">= {low}"
-        raise ValueError(f"{name} must be a float {bound}, got {value!r}")
-    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +86,10 @@ class Mixing:
     def create(cls, *, mixup_alpha: float, cutmix_alpha: float,
                cutmix_minmax: Optional[Sequence[float]], mixup_prob: float,
                mixup_switch_prob: float, mixup_mode: str, image_size: int) -> Mixing:
-        mixup_alpha = _check_float("mixup_alpha", mixup_alpha, 0.0)
-        cutmix_alpha = _check_float("cutmix_alpha", cutmix_alpha, 0.0)
-        prob = _check_float("mixup_prob", mixup_prob, 0.0, 1.0)
-        switch_prob = _check_float("mixup_switch_prob", mixup_switch_prob, 0.0, 1.0)
+        mixup_alpha = _checks.check_float("mixup_alpha", mixup_alpha, 0.0)
+        cutmix_alpha = _checks.check_float("cutmix_alpha", cutmix_alpha, 0.0)
+        prob = _checks.check_probability("mixup_prob", mixup_prob)
+        switch_prob = _checks.check_probability("mixup_switch_prob", mixup_switch_prob)
         if mixup_mode not in MIXUP_MODES:
             raise ValueError(f"mixup_mode must be one of {MIXUP_MODES}, got {mixup_mode!r}")
         if cutmix_minmax is not None:
@@ -173,10 +166,7 @@ class Mixing:
 
 def check_label_smoothing(smoothing: float) -> float:
     """ValueError unless 0 <= smoothing < 1 (a float, as timm's --smoothing)."""
-    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
-            0.0 <= smoothing < 1.0):
-        raise ValueError(f"label_smoothing must be a float in [0, 1), got {smoothing!r}")
-    return float(smoothing)
+    return _checks.check_float("label_smoothing", smoothing, 0.0, 1.0, high_open=True)
 
 
 def smooth_targets(targets: Union[torch.Tensor, SparseTargets],

@@ -82,11 +82,18 @@ def check_store(store: LabelMapStore, rows: np.ndarray, *, label_mode: str) -> N
         ValueError: Naming the file, the first bad rows and how to find them all.
     """
     if label_mode == "original":
-        unknown = rows[(store.labels[torch.from_numpy(rows)] < 0).numpy()]
+        labels = store.labels[torch.from_numpy(rows)].numpy()
+        unknown = rows[labels < 0]
         if unknown.size:
             raise ValueError(
                 f"label_mode='original' needs /labels, but {store.path} has -1 (unknown) for "
                 f"{unknown.size} images, first: {[store.paths[r] for r in unknown[:_SHOWN]]}")
+        beyond = rows[labels >= store.num_classes]
+        if beyond.size:
+            raise ValueError(
+                f"{store.path}: /labels holds class ids outside [0, {store.num_classes}) for "
+                f"{beyond.size} images, first rows {beyond[:_SHOWN].tolist()}; run "
+                f"`dali-relabel info {store.path} --full`")
         return
     bad_class, bad_value = [], []
     sorted_rows = np.sort(rows)

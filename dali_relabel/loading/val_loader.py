@@ -110,7 +110,13 @@ class ValLoader:
         self.shard_id, self.num_shards = resolve_shard(shard_id, num_shards)
         self.image_root = os.fspath(image_root)
         paths, folders = find_images(self.image_root)
-        self.classes = list(classes) if classes is not None else folders
+        if classes is not None:
+            classes = list(classes)
+            duplicated = sorted({name for name in classes if classes.count(name) > 1})
+            if duplicated:
+                raise ValueError(f"classes must be unique names, found {duplicated[:5]} more "
+                                 "than once")
+        self.classes = classes if classes is not None else folders
         index = {name: i for i, name in enumerate(self.classes)}
         unknown = sorted(set(folders) - set(index))
         if unknown:
@@ -120,6 +126,12 @@ class ValLoader:
         self.paths = [path for path in paths if path not in excluded]
         if not self.paths:
             raise ValueError(f"no images found under {self.image_root!r}")
+        empty = [path for path in self.paths
+                 if os.path.getsize(os.path.join(self.image_root, path)) == 0]
+        if empty:
+            raise ValueError(f"{len(empty)} image(s) under {self.image_root!r} are empty files: "
+                             f"{empty[:_SHOWN_PATHS]}; pass them as exclude= (`dali-relabel "
+                             f"verify {self.image_root}` lists every file that fails to decode)")
         self.labels = [index[path.split("/", 1)[0]] for path in self.paths]
         self.dataset = LoaderDataset(self.image_root, self.classes, len(self.paths))
         self.batch_size = batch_size
@@ -169,7 +181,28 @@ class ValLoader:
         # every image is evaluated exactly once.
         iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER_NAME,
                                        last_batch_policy=LastBatchPolicy.PARTIAL)
-        for outputs in iterator:
-            out = outputs[0]
-            images = finish_images(out["images"], self.device, self.dtype, self.channels_last)
-            yield images, _transfer.to_device(out["labels"].view(-1).to(torch.int64), self.device)
+        batch = 0
+        try:
+            for outputs in iterator:
+                out = outputs[0]
+                images = finish_images(out["images"], self.device, self.dtype,
+                                       self.channels_last)
+                batch += 1
+                yield images, _transfer.to_device(out["labels"].view(-1).to(torch.int64),
+                                                  self.device)
+        except RuntimeError as error:
+            raise RuntimeError(self._diagnose(batch, error)) from error
+
+    def _diagnose(self, batch: int, error: RuntimeError) -> str:
+        """Why DALI failed, naming the files of the batches in flight that do not decode."""
+        from dali_relabel.images.verify import verify_images  # only on failure
+
+        first = batch * self.batch_size
+        paths = [self.paths[i] for i in self.indices[first:first + 4 * self.batch_size]]
+        bad = verify_images(self.image_root, paths, num_threads=1, progress=False)
+        if not bad:
+            return f"the DALI validation pipeline failed: {error}"
+        listing = "; ".join(f"{path}: {reason}" for path, reason in bad[:_SHOWN_PATHS])
+        return (f"{len(bad)} validation image(s) failed to decode: {listing}. Find every such "
+                f"file with `dali-relabel verify {self.image_root}` and pass the list as "
+                "exclude=.")

@@ -30,6 +30,9 @@ BOX_TOLERANCE = 1e-4
 # Largest output_size S: token grids of vision transformers are 7-32 a side; the output
 # grows as S*S*C per box (and the kernels index S*S bins in 32-bit arithmetic).
 MAX_OUTPUT_SIZE = 64
+# Largest num_classes: 16.8 M, far beyond any label set (ImageNet-21k has 21843); the kernels
+# index classes in 32-bit arithmetic.
+MAX_NUM_CLASSES = 1 << 24
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -62,8 +65,10 @@ def _prepare(
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not (
+            1 <= num_classes <= MAX_NUM_CLASSES):
+        raise ValueError(f"num_classes must be an int in [1, MAX_NUM_CLASSES={MAX_NUM_CLASSES}], "
+                         f"got {num_classes!r}")
     if isinstance(output_size, bool) or not isinstance(output_size, int) or output_size < 1:
         raise ValueError(f"output_size must be an int >= 1, got {output_size!r}")
     if output_size > MAX_OUTPUT_SIZE:
