@@ -28,30 +28,27 @@ import logging
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import h5py
-import matplotlib
 import numpy as np
 import torch
 from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
-import run  # noqa: E402
-from _stats import mean_interval  # noqa: E402
-
-from dali_relabel import LabelMapStore, label_pooling  # noqa: E402
-from dali_relabel.loading.plan import random_resized_crop_windows  # noqa: E402
-from dali_relabel.tools.synthetic import LOGIT_SCALE, make_synthetic_imagenet  # noqa: E402
+from dali_relabel import LabelMapStore, label_pooling
+from dali_relabel.files import atomic_path
+from dali_relabel.loading import random_resized_crop_windows
+from dali_relabel.tools import make_synthetic_imagenet
+# Not exported by dali_relabel.tools (yet): the synthetic maps' logit per share of a cell.
+from dali_relabel.tools.synthetic import LOGIT_SCALE
+from harness import report
+from harness.stats import mean_interval
+from harness.training import run_training
 
 logger = logging.getLogger("ablation")
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = report.RESULTS
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_START = "<!-- ablation table: written by benchmarks/ablation.py --update-readme -->"
 README_END = "<!-- end of ablation table -->"
@@ -304,16 +301,15 @@ def update_readme(table: str, readme: Path = README) -> None:
         raise ValueError(f"{readme}: expected the marker lines {README_START!r} and "
                          f"{README_END!r} around the ablation table")
     text = text[:start + len(README_START)] + "\n\n" + table + "\n" + text[end:]
-    tmp = readme.with_name(f".{readme.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, readme)
+    with atomic_path(readme) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def plot(result: Dict[str, Any], path: Path) -> None:
     """Top-1 per configuration with the paper's beside it, and the paired differences."""
     names = list(result["configs"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5),
-                                      gridspec_kw=dict(width_ratios=[3, 2]))
+    fig, (left, right) = report.subplots(1, 2, figsize=(14, 5.5),
+                                         gridspec_kw=dict(width_ratios=[3, 2]))
     means = [result["configs"][n]["val_top1"]["mean"] for n in names]
     ses = [result["configs"][n]["val_top1"]["se"] for n in names]
     xs = np.arange(len(names))
@@ -355,13 +351,12 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     right.legend(loc="lower center", bbox_to_anchor=(0.5, 1.06), fontsize=8, ncol=1)
     fig.suptitle(f"ReLabel's factor analysis in miniature: {result['settings']['model']}, "
                  f"{result['settings']['seeds']} paired seeds", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def train_one(name: str, seed: int, dataset: Any, args: argparse.Namespace) -> Dict[str, float]:
-    """One run of train/run.py for configuration `name`; its final validation accuracies."""
+    """One run of train/run.py (a child process) for configuration `name`; its final
+    validation accuracies."""
     mode, extra, _ = CONFIGS[name]
     output = os.path.join(args.work, f"{name.replace(' + ', '+')}-seed{seed}")
     os.makedirs(output, exist_ok=True)
@@ -375,7 +370,7 @@ def train_one(name: str, seed: int, dataset: Any, args: argparse.Namespace) -> D
             "--no-progress", "--device", "cpu", *extra]
     for key, value in RECIPE.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    record = run.main(argv)
+    record = run_training(argv, output).last()
     return {key: record[key] for key in ("val_top1", "val_top5", "val_real")}
 
 
@@ -394,9 +389,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                              f"{DATASET['val_per_class']})")
     parser.add_argument("--data", default=None,
                         help="folder of the synthetic data set (default: a cache folder)")
-    parser.add_argument("--out", default=str(RESULTS),
-                        help="folder of ablation.json, .png and .md (default: "
-                             "benchmarks/results)")
+    report.add_out_argument(parser, "ablation.json, .png and .md")
     parser.add_argument("--work", default="output/ablation",
                         help="folder of the runs' outputs (default: output/ablation)")
     parser.add_argument("--update-readme", action="store_true",
@@ -417,7 +410,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                      f"{args.seeds}")
     if args.epochs < 1:
         parser.error(f"--epochs: expected at least 1, got {args.epochs}")
-    logging.getLogger("train").setLevel(logging.WARNING)  # the runs' per-epoch lines
     start = time.perf_counter()
     spec = dict(DATASET, train_per_class=args.train_per_class,
                 val_per_class=args.val_per_class)
@@ -465,11 +457,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 def write_results(result: Dict[str, Any], out: Path, readme: bool) -> None:
     """ablation.json, .md and .png in `out`, and the README's table when `readme`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
+    report.write_results(out, "ablation", result, lambda path: plot(result, path))
     table = render_table(result)
     (out / "ablation.md").write_text(table)
-    plot(result, out / "ablation.png")
     if readme:
         update_readme(table)
     logger.info("\n%s\nwrote %s, %s and %s", table, out / "ablation.json",

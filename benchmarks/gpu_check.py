@@ -25,32 +25,26 @@ says so and exits 0 without checking anything. `--device cpu` runs the same chec
 twins (C++ kernel, CPU decoder), which is how the test suite runs this script.
 """
 import argparse
-import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernel_bench  # noqa: E402
-import loader_bench  # noqa: E402
-
-from dali_relabel import MODES, ReLabelLoader, label_pooling, reference_label_pooling  # noqa: E402
+import kernel_bench
+import loader_bench
+from dali_relabel import MODES, ReLabelLoader, label_pooling, reference_label_pooling
+from harness import jpegs, report
+from harness.inputs import make_inputs, random_boxes
+from harness.timing import device_sync, endless, time_batches
+from harness.training import run_training
 
 logger = logging.getLogger("gpu_check")
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5  # LabelPooling's definition: max abs difference before the softmax
 PIL_TOLERANCE = 2.5  # mean abs difference, 0-255 scale: nvJPEG's IDCT is not libjpeg's
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -61,10 +55,10 @@ def kernel_cases(quick: bool) -> List[Dict]:
     gen = torch.Generator().manual_seed(0)
     cases = []
     for num_classes in ((1000,) if quick else (1000, 21843)):
-        values, indices, _ = kernel_bench.make_inputs(64, 5, num_classes)
+        values, indices, _ = make_inputs(64, 5, num_classes)
         # Whole pixels of 230 x 173 images.
         scale = torch.tensor([230.0, 173.0, 230.0, 173.0])
-        boxes = (loader_bench.random_boxes(64, gen) * scale).round() / scale
+        boxes = (random_boxes(64, gen) * scale).round() / scale
         cases.append(dict(name=f"C={num_classes}, whole-pixel boxes, flips, fused gather",
                           values=values, indices=indices, boxes=boxes, num_classes=num_classes,
                           flip=torch.rand(64, generator=gen) < 0.5,
@@ -136,19 +130,13 @@ def check_loader(device: torch.device, data: Dict, batches: int) -> Dict:
 
 def check_trainer(device: torch.device, batch_size: int) -> Dict:
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, str(REPO / "train" / "run.py"), "--output", out,
-                   "--epochs", "1", "--warmup-epochs", "0", "--batch-size", str(batch_size),
-                   "--device", device.type, "--amp", "--channels-last"]
-        start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-        seconds = time.perf_counter() - start
-        metrics = []
-        metrics_path = Path(out) / "metrics.jsonl"
-        if metrics_path.is_file():
-            metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        result = run_training(["--output", out, "--epochs", "1", "--warmup-epochs", "0",
+                               "--batch-size", str(batch_size), "--device", device.type,
+                               "--amp", "--channels-last"], out, timeout=1800)
+    metrics = result.metrics
     finite = bool(metrics) and all(np.isfinite(m["train_loss"]) for m in metrics)
-    row = dict(passed=result.returncode == 0 and finite, seconds=seconds,
-               command=" ".join(command[1:]), returncode=result.returncode)
+    row = dict(passed=result.returncode == 0 and finite, seconds=result.seconds,
+               command=" ".join(result.command[1:]), returncode=result.returncode)
     if metrics:
         row.update({key: metrics[-1][key] for key in ("train_loss", "images_per_s",
                                                       "label_pooling_overhead_pct")
@@ -169,21 +157,20 @@ def time_kernel(device: torch.device, quick: bool, max_seconds: float) -> List[D
 def time_fancy_upsampling(device: torch.device, data: Dict, batch_size: int, warmup: int,
                           batches: int) -> Dict:
     """ReLabelLoader's images/s with jpeg_fancy_upsampling off and on, alternating."""
-    sync = loader_bench.device_sync(device)
+    sync = device_sync(device)
     rates: Dict[str, List[float]] = {"off": [], "on": []}
     for _ in range(2):
         for setting in rates:
             loader = ReLabelLoader(data["image_root"], data["store"], batch_size,
                                    device=str(device), jpeg_fancy_upsampling=setting == "on")
-            timing = loader_bench.time_batches(loader_bench.endless(loader), warmup, batches,
-                                               sync)
+            timing = time_batches(endless(loader), warmup, batches, sync)
             rates[setting].append(batches * batch_size / timing["seconds"])
             del loader
     return {f"fancy_{setting}_images_per_s": max(values) for setting, values in rates.items()}
 
 
 def plot(result: Dict, path: Path) -> None:
-    fig, (ax_status, ax_kernel, ax_loader) = plt.subplots(
+    fig, (ax_status, ax_kernel, ax_loader) = report.subplots(
         1, 3, figsize=(16, 5), gridspec_kw=dict(width_ratios=[1.1, 1.4, 1.2]))
     ax_status.axis("off")
     lines = [f"{result['device_name']}"]
@@ -228,9 +215,7 @@ def plot(result: Dict, path: Path) -> None:
     ax_loader.set_ylim(0, 1.25 * max(values))
     ax_loader.set_title(f"loaders: ReLabelLoader at {timing['percent_of_plain']:.1f}% of "
                         "plain DALI", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -246,8 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                "gpu_check"),
                         help="folder of the generated images (default: "
                              "~/.cache/dali-relabel/gpu_check)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"),
-                        help="folder for gpu_check.json and .png (default: benchmarks/results)")
+    report.add_out_argument(parser, "gpu_check.json and .png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
@@ -263,11 +247,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     batch_size = 16 if args.quick else 64
     data_args = ["--images", str(images), "--cache", args.cache, "--batch-size",
                  str(batch_size), "--threads", str(os.cpu_count() or 1)]
-    source = "photos" if loader_bench.load_photos() else "synthetic"
-    manifest = loader_bench.prepare_dataset(Path(args.cache).expanduser(), images, source,
-                                            seed=0, workers=os.cpu_count() or 1)
+    source = "photos" if jpegs.load_photos() else "synthetic"
     cache = Path(args.cache).expanduser()
-    data = dict(image_root=str(cache / "images"), store=str(cache / "labelmaps.h5"))
+    manifest = jpegs.prepare_dataset(cache, images, source, seed=0,
+                                     workers=os.cpu_count() or 1)
+    data = jpegs.locations(cache, images)
 
     checks = {}
     steps = [("kernel", lambda: check_kernel(device, args.quick)),
@@ -302,22 +286,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
                      else f"CPU ({os.cpu_count()} cores)"),
         versions=dict(torch=torch.__version__, cuda=torch.version.cuda,
-                      dali=loader_bench.dali.__version__),
+                      dali=report.machine_info(device)["dali_version"]),
         dataset=dict(images=images, source=source, mean_jpeg_kb=manifest["mean_jpeg_bytes"] / 1e3),
         checks=checks, kernel_timing=kernel_timing, loader_timing=loader_timing,
         passed=all(check["passed"] for check in checks.values()))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "gpu_check.png")
+    json_path, png_path = report.write_results(Path(args.out), "gpu_check", result,
+                                               lambda path: plot(result, path))
     logger.info("gpu_check on %s: %s; ReLabelLoader %.0f images/s = %.1f%% of the plain DALI "
                 "graph, %.2fx the official pipeline; jpeg_fancy_upsampling on: %.0f images/s, "
                 "off: %.0f. Wrote %s and %s", result["device_name"],
                 "every check passed" if result["passed"] else "a check FAILED",
                 loader_timing["relabel_loader_images_per_s"], loader_timing["percent_of_plain"],
                 loader_timing["ratio_vs_official"], loader_timing["fancy_on_images_per_s"],
-                loader_timing["fancy_off_images_per_s"], out / "gpu_check.json",
-                out / "gpu_check.png")
+                loader_timing["fancy_off_images_per_s"], json_path, png_path)
     return 0 if result["passed"] else 1
 
 

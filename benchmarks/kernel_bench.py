@@ -5,7 +5,7 @@ Three ways to turn a batch of top-k label maps and crop boxes into ReLabel targe
 
   (a) official   the naver-ai/relabel_imagenet training loop: densify each top-k map into
                  [B, C, 15, 15] on the host (a scatter per sample), copy to the device,
-                 torchvision roi_align, softmax
+                 torchvision roi_align, softmax (harness/official.py)
   (b) dense      roi_align + softmax with the dense map already on the device (the best a
                  dense method can do; its memory is B * C * 225 * 4 bytes)
   (c) sparse     dali_relabel.label_pooling on the top-k maps (float16 values, int16/int32
@@ -18,94 +18,31 @@ and a PNG.
     python benchmarks/kernel_bench.py [--device cuda|cpu] [--quick]
 """
 import argparse
-import json
 import logging
-import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-import matplotlib
+import torch
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchvision.ops import roi_align  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from dali_relabel import label_pooling  # noqa: E402
+from dali_relabel import label_pooling
+from harness import report
+from harness.inputs import MAP_SIZE, make_inputs
+from harness.official import dense_targets, densify
+from harness.timing import device_sync, repeat_ms
 
 logger = logging.getLogger("kernel_bench")
-MAP_SIZE = 15
 # Configurations whose tensors would need more than this are skipped, with the reason shown.
 MEMORY_BUDGET_BYTES = 12 * 2 ** 30
 
 
-def make_inputs(batch: int, topk: int, num_classes: int, classes_per_image: int = 32,
-                seed: int = 0):
-    """Random top-k maps shaped like an annotator's: each image draws `classes_per_image`
-    classes it 'contains' and each cell lists `topk` distinct ones of them (0: every cell draws
-    from all C classes, the worst case for the sparse epilogue)."""
-    gen = torch.Generator().manual_seed(seed)
-    values = (torch.randn(batch, topk, MAP_SIZE, MAP_SIZE, generator=gen) * 4).half()
-    cells = (batch, MAP_SIZE, MAP_SIZE)
-    if classes_per_image > 0:
-        pool_size = max(topk, min(classes_per_image, num_classes))
-        pools = torch.rand(batch, num_classes, generator=gen).argsort(dim=1)[:, :pool_size]
-        picks = torch.rand(*cells, pool_size, generator=gen).argsort(dim=-1)[..., :topk]
-        indices = torch.gather(pools[:, None, None, :].expand(*cells, pool_size), 3, picks)
-    else:
-        base = torch.randint(0, num_classes, (*cells, 1), generator=gen)
-        step = torch.randint(1, num_classes // topk + 1, (*cells, 1), generator=gen)
-        indices = (base + step * torch.arange(topk)) % num_classes
-    indices = indices.permute(0, 3, 1, 2)
-    index_dtype = torch.int16 if num_classes <= 32767 else torch.int32
-    area = torch.empty(batch).uniform_(0.08, 1.0, generator=gen)
-    side = area.sqrt()
-    x1 = torch.rand(batch, generator=gen) * (1 - side)
-    y1 = torch.rand(batch, generator=gen) * (1 - side)
-    boxes = torch.stack([x1, y1, x1 + side, y1 + side], dim=1)
-    return values, indices.to(index_dtype).contiguous(), boxes
-
-
-def official_targets(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor,
-                     num_classes: int, output_size: int, device: torch.device) -> torch.Tensor:
-    """The official code path: per-sample densify on the host, roi_align, softmax."""
-    batch = values.shape[0]
-    dense = torch.zeros(batch, num_classes, MAP_SIZE, MAP_SIZE)
-    for dense_map, top_values, top_indices in zip(dense, values, indices):
-        dense_map.scatter_(0, top_indices.long(), top_values.float())
-    return dense_targets(dense.to(device), boxes.to(device), output_size)
-
-
-def dense_targets(dense: torch.Tensor, boxes: torch.Tensor, output_size: int) -> torch.Tensor:
-    batch = dense.shape[0]
-    rois = torch.cat([torch.arange(batch, device=boxes.device, dtype=boxes.dtype)[:, None],
-                      boxes * MAP_SIZE - 0.5], dim=1)
-    pooled = roi_align(dense, rois, output_size=(output_size, output_size), spatial_scale=1.0,
-                       sampling_ratio=-1, aligned=False)
-    return pooled.flatten(2).softmax(dim=1)
-
-
 def time_call(fn: Callable[[], torch.Tensor], device: torch.device, min_repeats: int,
               max_seconds: float) -> List[float]:
-    """Wall-clock milliseconds per call (CUDA synchronised), after one warm-up call."""
-    fn()
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < min_repeats or (time.perf_counter() - start_all < max_seconds
-                                       and len(times) < 200):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-        if len(times) >= min_repeats and time.perf_counter() - start_all > max_seconds:
-            break
-    return times
+    """Wall-clock milliseconds per call (device synchronised), after one warm-up call: at
+    least `min_repeats`, more (up to 200) within `max_seconds`."""
+    return repeat_ms(fn, device_sync(device), repeats=min_repeats, max_seconds=max_seconds,
+                     max_repeats=200)
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -141,8 +78,9 @@ def run_config(batch: int, topk: int, output_size: int, num_classes: int,
                        f"GiB > budget {MEMORY_BUDGET_BYTES / 2**30:.0f} GiB")
     dev_values, dev_indices, dev_boxes = values.to(device), indices.to(device), boxes.to(device)
     if skip_reason is None:
-        methods["official"] = lambda: official_targets(values, indices, boxes, num_classes,
-                                                       output_size, device)
+        # (a): densify on the host, copy, roi_align, softmax.
+        methods["official"] = lambda: dense_targets(
+            densify(values, indices, num_classes).to(device), boxes.to(device), output_size)
         dense = torch.zeros(batch, num_classes, MAP_SIZE, MAP_SIZE, device=device)
         dense.scatter_(1, dev_indices.long(), dev_values.float())
         methods["dense"] = lambda: dense_targets(dense, dev_boxes, output_size)
@@ -190,7 +128,7 @@ def format_table(rows: List[Dict]) -> str:
 def plot(rows: List[Dict], path: Path, device: str, kernel: str, bandwidth: float) -> None:
     labels = [f"B{r['batch']} K{r['topk']} S{r['output_size']} C{r['num_classes']}"
               for r in rows]
-    fig, (ax_time, ax_speed) = plt.subplots(2, 1, figsize=(14, 9), sharex=True)
+    fig, (ax_time, ax_speed) = report.subplots(2, 1, figsize=(14, 9), sharex=True)
     width = 0.27
     positions = range(len(rows))
     for offset, (key, name, color) in enumerate([
@@ -223,18 +161,14 @@ def plot(rows: List[Dict], path: Path, device: str, kernel: str, bandwidth: floa
     ax_speed.legend()
     ax_speed.set_xticks(list(positions))
     ax_speed.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device to time on (default: cuda if present, else cpu)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"),
-                        help="folder for kernel_bench.json and .png (default: benchmarks/results)")
+    report.add_device_argument(parser, "device to time on")
+    report.add_out_argument(parser, "kernel_bench.json and .png")
     parser.add_argument("--quick", action="store_true",
                         help="only B=256, K=5, C=1000 at S=1 (the headline) and S=14")
     parser.add_argument("--classes-per-image", type=int, default=32,
@@ -260,21 +194,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     headline = next(r for r in rows if (r["batch"], r["topk"], r["output_size"],
                                         r["num_classes"]) == (256, 5, 1, 1000))
     result = dict(
-        device=str(device),
-        device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
-                     else platform.processor() or platform.machine()),
-        torch_threads=torch.get_num_threads(),
-        torch_version=torch.__version__,
+        **report.device_info(device),
         sparse_kernel=kernel,
         classes_per_image=args.classes_per_image,
         copy_bandwidth_gb_per_s=bandwidth,
         headline=headline,
         rows=rows,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel_bench.json").write_text(json.dumps(result, indent=2))
-    plot(rows, out / "kernel_bench.png", str(device), kernel, bandwidth)
+    json_path, png_path = report.write_results(
+        Path(args.out), "kernel_bench", result,
+        lambda path: plot(rows, path, str(device), kernel, bandwidth))
 
     logger.info(format_table(rows))
     logger.info(
@@ -284,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         device, torch.get_num_threads(), headline["official_ms"], headline["dense_ms"], kernel,
         headline["sparse_ms"], headline["speedup_vs_official"], headline["speedup_vs_dense"],
         headline["sparse_gb_per_s"], bandwidth, 100 * headline["sparse_gb_per_s"] / bandwidth)
-    logger.info("wrote %s and %s", out / "kernel_bench.json", out / "kernel_bench.png")
+    logger.info("wrote %s and %s", json_path, png_path)
     return result
 
 

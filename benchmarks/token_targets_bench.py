@@ -19,32 +19,20 @@ token_targets_bench.{json,png}.
 import argparse
 import ctypes
 import gc
-import json
 import logging
 import os
-import platform
 import re
-import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from kernel_bench import make_inputs  # noqa: E402
-
-from dali_relabel import label_pooling  # noqa: E402
-from dali_relabel.ops.sparse_targets import (footprint, soft_target_cross_entropy,  # noqa: E402
-                                         sparse_label_pooling)
+from dali_relabel import label_pooling, soft_target_cross_entropy, sparse_label_pooling
+from harness import report
+from harness.inputs import MAP_SIZE, TOPK, make_inputs
+from harness.timing import device_sync, median_ms
 
 logger = logging.getLogger("token_targets_bench")
-TOPK, MAP_SIZE = 5, 15
 # (B, C): ImageNet-1k and -21k at B = 256, and -21k at a batch whose dense step fits in a
 # workstation's memory.
 CONFIGS = ((256, 1000), (256, 21843), (64, 21843))
@@ -53,12 +41,15 @@ CONFIGS = ((256, 1000), (256, 21843), (64, 21843))
 DENSE_PEAK_TENSORS, SPARSE_PEAK_TENSORS = 5, 3
 
 
-def sparse_bytes(batch: int, tokens: int, num_classes: int, output_size: int) -> int:
-    """SparseTargets' bytes: fill float32, U = min(K F^2, C) slots of class (int16, int32 past
-    32767 classes) and probability (float32) per token."""
-    slots = min(TOPK * footprint(MAP_SIZE, output_size) ** 2, num_classes)
-    class_bytes = 2 if num_classes <= 32767 else 4
-    return batch * tokens * (4 + slots * (class_bytes + 4))
+def sparse_bytes(batch: int, num_classes: int, output_size: int) -> int:
+    """SparseTargets' bytes for `batch` crops, computed without making them: B times those of
+    one crop's (fill float32, U = min(K F^2, C) slots of class and probability per token;
+    sparse_label_pooling's layout)."""
+    values = torch.zeros(1, TOPK, MAP_SIZE, MAP_SIZE)
+    indices = torch.arange(TOPK).view(1, TOPK, 1, 1).repeat(1, 1, MAP_SIZE, MAP_SIZE)
+    one = sparse_label_pooling(values, indices, torch.tensor([[0.0, 0.0, 1.0, 1.0]]),
+                               num_classes=num_classes, output_size=output_size)
+    return batch * one.nbytes()
 
 
 def memory_available(device: torch.device) -> int:
@@ -105,30 +96,11 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> Optional[int]:
     return _rss("VmHWM") - base
 
 
-def median_ms(fn: Callable[[], None], device: torch.device, repeats: int,
-              max_seconds: float) -> float:
-    """Median wall-clock milliseconds of `fn` (CUDA synchronised) over at least `repeats`
-    calls, and more (up to 20) while within `max_seconds`, after one warm-up call."""
-    fn()
-    times: List[float] = []
-    begin = time.perf_counter()
-    while len(times) < repeats or (len(times) < 20
-                                   and time.perf_counter() - begin < max_seconds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def run_config(batch: int, num_classes: int, output_size: int, device: torch.device,
                repeats: int, max_seconds: float, row: Dict) -> None:
     """Measures one configuration into `row`: bytes and peak memory when `repeats` is 0,
     else times."""
-    tokens = output_size ** 2
+    tokens, sync = output_size ** 2, device_sync(device)
     values, indices, boxes = (t.to(device) for t in make_inputs(batch, TOPK, num_classes))
     pool = dict(num_classes=num_classes, output_size=output_size, check_inputs=False)
     makers: Dict[str, Callable[[], object]] = dict(
@@ -141,7 +113,7 @@ def run_config(batch: int, num_classes: int, output_size: int, device: torch.dev
         row.update(batch=batch, output_size=output_size, num_classes=num_classes,
                    dense_bytes=batch * tokens * num_classes * 4,
                    sparse_bytes=makers["sparse"]().nbytes())
-        assert row["sparse_bytes"] == sparse_bytes(batch, tokens, num_classes, output_size)
+        assert row["sparse_bytes"] == sparse_bytes(batch, num_classes, output_size)
     available = memory_available(device)
     for kind, peak_tensors in (("sparse", SPARSE_PEAK_TENSORS), ("dense", DENSE_PEAK_TENSORS)):
         need = peak_tensors * row["dense_bytes"]
@@ -156,8 +128,9 @@ def run_config(batch: int, num_classes: int, output_size: int, device: torch.dev
             logits.grad = None
 
         if repeats:
-            row[f"{kind}_targets_ms"] = median_ms(make, device, repeats, max_seconds)
-            row[f"{kind}_step_ms"] = median_ms(step, device, repeats, max_seconds)
+            timing = dict(repeats=repeats, max_seconds=max_seconds, max_repeats=20)
+            row[f"{kind}_targets_ms"] = median_ms(make, sync, **timing)
+            row[f"{kind}_step_ms"] = median_ms(step, sync, **timing)
         else:
             step()  # warm-up
             row[f"{kind}_step_peak_bytes"] = peak_memory(step, device)
@@ -190,7 +163,7 @@ def statements(row: Dict) -> List[str]:
 
 def plot(rows: List[Dict], path: Path, device: str) -> None:
     labels = [f"B{r['batch']} S{r['output_size']} C{r['num_classes']}" for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = report.subplots(1, 3, figsize=(15, 4.5))
     panels: List[Tuple[str, str, float, str]] = [
         ("{}_bytes", "targets (MB, log)", 1e-6, "memory of one batch's targets"),
         ("{}_step_peak_bytes", "peak beyond the logits (MB, log)", 1e-6,
@@ -212,16 +185,13 @@ def plot(rows: List[Dict], path: Path, device: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"Token targets on {device}: SparseTargets vs dense [B, S*S, C] "
                  "(absent: the dense step does not fit in memory)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device to run on (default: cuda if present, else cpu)")
+    report.add_device_argument(parser, "device to run on")
     parser.add_argument("--output-size", type=int, default=14,
                         help="S, the token grid side (default: 14)")
     parser.add_argument("--configs", default=",".join(f"{b}x{c}" for b, c in CONFIGS),
@@ -232,9 +202,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--max-seconds", type=float, default=2.0,
                         help="time to keep repeating a fast measurement in, up to 20 calls "
                              "(default: 2.0)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"),
-                        help="folder for token_targets_bench.json and .png "
-                             "(default: benchmarks/results)")
+    report.add_out_argument(parser, "token_targets_bench.json and .png")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -257,13 +225,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     tokens = args.output_size ** 2
     at_1024 = dict(batch=1024, output_size=args.output_size, num_classes=1000,
                    dense_bytes=1024 * tokens * 1000 * 4,
-                   sparse_bytes=sparse_bytes(1024, tokens, 1000, args.output_size))
+                   sparse_bytes=sparse_bytes(1024, 1000, args.output_size))
     result = dict(
-        device=str(device),
-        device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
-                     else platform.processor() or platform.machine()),
-        torch_threads=torch.get_num_threads(),
-        torch_version=torch.__version__,
+        **report.device_info(device),
         load_average_at_start=load,
         topk=TOPK,
         map_size=MAP_SIZE,
@@ -272,15 +236,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         computed_at_b1024_c1000=at_1024,
         rows=rows,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "token_targets_bench.json").write_text(json.dumps(result, indent=2))
-    plot(rows, out / "token_targets_bench.png", str(device))
+    json_path, png_path = report.write_results(Path(args.out), "token_targets_bench", result,
+                                               lambda path: plot(rows, path, str(device)))
     logger.info("B=1024 S=%d C=1000 (computed): sparse targets %s, dense %s, %.0fx less",
                 args.output_size, mb(at_1024["sparse_bytes"]), mb(at_1024["dense_bytes"]),
                 at_1024["dense_bytes"] / at_1024["sparse_bytes"])
-    logger.info("wrote %s and %s", out / "token_targets_bench.json",
-                out / "token_targets_bench.png")
+    logger.info("wrote %s and %s", json_path, png_path)
     return result
 
 

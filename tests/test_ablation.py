@@ -2,18 +2,15 @@
 statistics against numpy, the README table, and a tiny end-to-end run."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ablation
-
-from dali_relabel import LabelMapStore  # noqa: E402
-from dali_relabel.loading.plan import random_resized_crop_windows  # noqa: E402
-from dali_relabel.labelmaps.store import write_labelmaps  # noqa: E402
-from dali_relabel.tools.synthetic import LOGIT_SCALE, make_synthetic_imagenet  # noqa: E402
+from ablation import LOGIT_SCALE
+from dali_relabel import LabelMapStore, write_labelmaps
+from dali_relabel.loading import random_resized_crop_windows
+from dali_relabel.tools import make_synthetic_imagenet
 
 TINY_SCENES = dict(num_classes=4, train_per_class=3, val_per_class=2, image_size=(32, 44),
                    map_size=5, topk=4, seed=1, objects=(2, 4), main_side=(0.4, 0.6),

@@ -1,8 +1,6 @@
-"""Smoke test of benchmarks/loader_bench.py: tiny settings, synthetic images, real loaders."""
-import importlib.util
+"""Smoke test of benchmarks/loader_bench.py: tiny settings, synthetic images, real loaders;
+and of the harness's JPEG set and official pipeline that it times."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,23 +8,12 @@ import torch
 from torch.testing import assert_close
 
 import dali_relabel
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "loader_bench.py"
-
-
-@pytest.fixture(scope="module")
-def loader_bench():
-    spec = importlib.util.spec_from_file_location("loader_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    # Registered under its name, so its functions pickle for the generator's process pool.
-    sys.modules["loader_bench"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("loader_bench", None)
+import loader_bench
+from harness import jpegs, official
 
 
 @pytest.fixture(scope="module")
-def bench_run(loader_bench, tmp_path_factory):
+def bench_run(tmp_path_factory):
     """One in-process run; `--source synthetic` so it never needs scikit-image/-learn."""
     cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("results")
     result = loader_bench.main([
@@ -37,7 +24,7 @@ def bench_run(loader_bench, tmp_path_factory):
     return result, cache, out
 
 
-def test_writes_positive_rates_for_every_method(loader_bench, bench_run):
+def test_writes_positive_rates_for_every_method(bench_run):
     result, _, out = bench_run
     saved = json.loads((out / "loader_bench.json").read_text())
     assert (out / "loader_bench.png").stat().st_size > 0
@@ -64,38 +51,38 @@ def test_writes_positive_rates_for_every_method(loader_bench, bench_run):
     assert result["methods"].keys() == saved["methods"].keys()
 
 
-def test_reuses_the_cache(loader_bench, bench_run):
+def test_reuses_the_cache(bench_run):
     _, cache, _ = bench_run
     manifest = json.loads((cache / "manifest.json").read_text())
     stamp = (cache / "labelmaps.h5").stat().st_mtime_ns
-    again = loader_bench.prepare_dataset(cache, 24, "synthetic", 0, workers=1)
+    again = jpegs.prepare_dataset(cache, 24, "synthetic", 0, workers=1)
     assert again == manifest
     assert (cache / "labelmaps.h5").stat().st_mtime_ns == stamp
 
 
-def test_pt_files_hold_the_store_maps(loader_bench, bench_run):
+def test_pt_files_hold_the_store_maps(bench_run):
     _, cache, _ = bench_run
     store = dali_relabel.LabelMapStore.open(cache / "labelmaps.h5")
     assert len(store) == 24
     for row, relative in enumerate(store.paths):
-        score_map = torch.load(cache / "relabel" / loader_bench.pt_path(relative))
+        score_map = torch.load(cache / "relabel" / official.pt_path(relative))
         assert score_map.shape == (2, 5, 15, 15) and score_map.dtype == torch.float32
         assert torch.equal(score_map[0], store.values[row].float())
         assert torch.equal(score_map[1].long(), store.indices[row].long())
 
 
-def test_official_targets_match_reference_label_pooling(loader_bench, bench_run):
+def test_official_targets_match_reference_label_pooling(bench_run):
     _, cache, _ = bench_run
     torch.manual_seed(0)
-    loader = loader_bench.official_loader(str(cache / "images"), str(cache / "relabel"), 4,
-                                          workers=0, device=torch.device("cpu"))
+    loader = official.official_loader(str(cache / "images"), str(cache / "relabel"), 4,
+                                      workers=0, device=torch.device("cpu"))
     images, _, coords, label_maps = next(iter(loader))
     assert images.shape == (4, 3, 224, 224)
-    boxes = loader_bench.official_boxes(coords)
+    boxes = official.official_boxes(coords)
     assert boxes.shape == (4, 4)
     assert bool(((boxes >= 0) & (boxes <= 1)).all())
     assert bool((boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all())
-    targets = loader_bench.official_targets(label_maps, boxes, torch.device("cpu"))
+    targets = official.official_targets(label_maps, boxes, torch.device("cpu"))
     expected = dali_relabel.reference_label_pooling(
         label_maps[:, 0], label_maps[:, 1].long(), boxes, num_classes=1000)
     assert_close(targets, expected, atol=1e-6, rtol=1e-5)

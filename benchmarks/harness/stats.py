@@ -1,4 +1,5 @@
-"""Means with a Student-t 95% interval, shared by the benchmarks."""
+"""Means with a Student-t 95% interval: over seeds (ablation) and over the ratios of paired
+timing segments (loader_bench)."""
 import math
 import statistics
 from typing import Dict, Sequence
@@ -17,3 +18,13 @@ def mean_interval(values: Sequence[float]) -> Dict[str, object]:
     se = statistics.stdev(values) / math.sqrt(len(values))
     t = _T975[len(values) - 2] if len(values) - 1 <= len(_T975) else 1.96
     return dict(mean=mean, se=se, ci95=[mean - t * se, mean + t * se])
+
+
+def ratio_interval(numerators: Sequence[float], denominators: Sequence[float]
+                   ) -> Dict[str, object]:
+    """The geometric mean of the paired ratios numerators[i] / denominators[i], in percent,
+    with its 95% interval (Student's t on the log ratios): `percent`, `percent_ci95`."""
+    interval = mean_interval([math.log(n / d)
+                              for n, d in zip(numerators, denominators, strict=True)])
+    return dict(percent=100 * math.exp(interval["mean"]),
+                percent_ci95=[100 * math.exp(v) for v in interval["ci95"]])
