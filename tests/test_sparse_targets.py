@@ -164,7 +164,7 @@ def test_shapes_devices_numpy_and_empty_batch():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="logits"), r"mode must be one of \('softmax', 'argmax'\) for sparse targets"),
-    (dict(num_classes=0), "num_classes must be an int in [1, MAX_NUM_CLASSES"),
+    (dict(num_classes=0), r"num_classes must be an int in \[1, MAX_NUM_CLASSES"),
     (dict(output_size=65), "output_size must be at most"),
     (dict(boxes=torch.tensor([[0.0, 0.0, 1.5, 1.0]])), "boxes must be normalized"),
     (dict(sample_index=torch.tensor([5])), r"sample_index must lie in \[0, 2\)"),
