@@ -1,8 +1,9 @@
 """The CUDA (Triton) LabelPooling kernel, run on CPU tensors by triton's interpreter.
 
-conftest.py sets TRITON_INTERPRET=1 before triton is imported. The interpreter costs tens of
-milliseconds per program (one program per box and output bin, a few more for each distinct
-class under the bin), so batches stay small here. The interpreter does no bounds checking:
+conftest.py sets TRITON_INTERPRET=1 before triton is imported. The shared tests
+(tests/label_pooling_tester.py) run here too; the interpreter costs tens of milliseconds per
+program (one program per box and output bin, a few more for each distinct class under the
+bin), so batches stay small here. The interpreter does no bounds checking:
 every index stays in range. The interpreter does not specialize arguments as Triton's
 compiler does, so the last tests compile every launch for GPU targets (no GPU needed, see
 triton_compile.py) and read the generated code.
@@ -18,11 +19,25 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from labelmap_data import EDGE_BOXES, REPEATED_CLASSES, make_boxes, make_label_maps
 from dali_relabel import MODES, reference_label_pooling
 from dali_relabel.ops.kernels.label_pooling_triton import label_pooling_triton
+from label_pooling_tester import LabelPoolingTester
+from labelmap_data import EDGE_BOXES, make_boxes, make_label_maps
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class TestTritonKernel(LabelPoolingTester):
+    """The CUDA kernel's launcher, on CPU tensors under triton's interpreter."""
+
+    output_sizes = (1, 3, 5)
+    batch = 4
+
+    def pool(self, values, indices, boxes, *, num_classes, output_size=1, flip=None,
+             sample_index=None, mode="softmax"):
+        out = label_pooling_triton(values, indices, boxes, sample_index, flip, num_classes,
+                                   output_size, mode)
+        return out.squeeze(1) if output_size == 1 else out
 
 
 def assert_matches_reference(values, indices, boxes, num_classes, output_size, mode, *,
@@ -45,104 +60,10 @@ def pixel_boxes(num_boxes: int, width: int, height: int, seed: int) -> torch.Ten
     return (make_boxes(num_boxes, seed=seed) * size).round() / size
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(
-    "num_classes, topk, output_size",
-    [pytest.param(1000, 5, 1, id="S1-paper-setting"),
-     pytest.param(10, 1, 2, id="S2-tiny-C-K1"),
-     pytest.param(2500, 5, 3, id="S3-C-spans-five-blocks")])
-def test_matches_reference_with_gather_and_flip(mode, num_classes, topk, output_size):
-    values, indices = make_label_maps(10, topk, num_classes, seed=output_size)
-    sample_index = torch.tensor([9, 0, 4, 4, 2, 7])
-    boxes = torch.cat([make_boxes(3, seed=1), EDGE_BOXES[[0, 1, 7]]])
-    flip = torch.tensor([True, False, False, True, True, False])
-    assert_matches_reference(values, indices, boxes, num_classes, output_size, mode,
-                             flip=flip, sample_index=sample_index)
-
-
-@pytest.mark.parametrize(
-    "output_size, boxes",
-    # A box W cells wide with W / S whole takes exactly W / S samples per bin; a division one
-    # ulp high would take one more. The pooled logits show it; the epilogues are tested above.
-    [pytest.param(3, torch.tensor([[0.0, 0.0, 0.6, 1.0], [0.2, 0.4, 1.0, 0.8]]),
-                  id="S3-cell-aligned-9x15-12x6"),
-     pytest.param(3, pixel_boxes(2, 230, 173, seed=2), id="S3-whole-pixels-of-230x173"),
-     pytest.param(5, pixel_boxes(2, 230, 173, seed=3), id="S5-whole-pixels-of-230x173")])
-def test_whole_pixel_boxes(output_size, boxes):
-    values, indices = make_label_maps(2, 5, 100, seed=output_size)
-    flip = torch.tensor([False, True])
-    assert_matches_reference(values, indices, boxes, 100, output_size, "logits", flip=flip)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_s5_cell_aligned_boxes_with_gather_and_flip(mode):
-    """S = 5 in every mode; boxes of 15x15 and 10x10 cells take exactly 3 and 2 samples."""
-    values, indices = make_label_maps(4, 5, 100, seed=5)
-    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1 / 3, 0.0, 1.0, 2 / 3]])
-    assert_matches_reference(values, indices, boxes, 100, 5, mode, flip=torch.tensor([False, True]),
-                             sample_index=torch.tensor([3, 1]))
-
-
 def test_without_gather_or_flip():
     values, indices = make_label_maps(4, 5, 300, dtype=torch.float32, seed=3)
     boxes = EDGE_BOXES[[2, 3, 5, 8]]
     assert_matches_reference(values, indices, boxes, 300, 1, "logits")
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("output_size", [1, 2], ids=["S1", "S2"])
-@pytest.mark.parametrize("change", REPEATED_CLASSES)
-def test_repeated_classes_add_up(mode, output_size, change):
-    values, indices = change(*make_label_maps(2, 3, 20, dtype=torch.float32, seed=14))
-    boxes = torch.cat([make_boxes(1, seed=15), EDGE_BOXES[[0]]])
-    assert_matches_reference(values, indices, boxes, 20, output_size, mode)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_imagenet21k_int32_classes_bf16_values(mode):
-    """ImageNet-21k class ids as int32 indices, bfloat16 values, a class listed twice."""
-    values, indices = make_label_maps(3, 2, 21843, dtype=torch.bfloat16, seed=4)
-    indices = indices.to(torch.int32)
-    indices[0, 1] = indices[0, 0]
-    indices[1, 0, :, :5] = 21842  # the last class
-    boxes = torch.cat([make_boxes(2, seed=5), EDGE_BOXES[[0]]])
-    assert_matches_reference(values, indices, boxes, 21843, 1, mode)
-
-
-@pytest.mark.parametrize(
-    "num_classes, classes, want",
-    # Every listed logit negative: an unlisted class (logit 0) wins, the first of them.
-    [pytest.param(10, (3, 7), 0, id="unlisted-class-0-wins"),
-     pytest.param(10, (0, 1), 2, id="first-unlisted-after-listed-0-1"),
-     pytest.param(10, (0, 2), 1, id="unlisted-gap-between-listed"),
-     pytest.param(2, (0, 1), 0, id="all-classes-listed-negative-max-wins")])
-def test_argmax_with_negative_logits(num_classes, classes, want):
-    values = -torch.ones(1, 2, 15, 15)
-    values[0, 0] = -0.5  # class classes[0] pools highest among the listed
-    indices = torch.tensor(classes, dtype=torch.int16).view(1, 2, 1, 1).expand(1, 2, 15, 15)
-    boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9]])
-    got = assert_matches_reference(values, indices.contiguous(), boxes, num_classes, 1, "argmax")
-    assert got.argmax(-1).item() == want
-
-
-@pytest.mark.parametrize("mode", ["softmax", "argmax"])
-def test_every_class_listed_with_very_negative_logits(mode):
-    """u == C: no unlisted class of logit 0, and e^-m would overflow."""
-    values = torch.full((1, 3, 15, 15), -1000.0)
-    values[0, 1] = -900.0
-    indices = torch.arange(3, dtype=torch.int16).view(1, 3, 1, 1).expand(1, 3, 15, 15)
-    got = assert_matches_reference(values, indices.contiguous(), EDGE_BOXES[[0]], 3, 1, mode)
-    assert got.argmax(-1).item() == 1
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_every_pair_a_different_class(mode):
-    """Adversarial map: all K*H*W pairs distinct, so the footprint lists ~100 classes."""
-    values = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(16)) * 4
-    indices = torch.randperm(300, generator=torch.Generator().manual_seed(17))[:216]
-    indices = indices.view(2, 3, 6, 6).to(torch.int16)
-    boxes = torch.cat([EDGE_BOXES[[0]], make_boxes(1, seed=18)])
-    assert_matches_reference(values, indices, boxes, 300, 1, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -157,18 +78,6 @@ def test_footprint_larger_than_a_tile(mode, shape, output_size, boxes):
     values, indices = make_label_maps(boxes.shape[0], shape[0], 50, height=shape[1],
                                       width=shape[2], seed=19)
     assert_matches_reference(values, indices, boxes, 50, output_size, mode)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_reruns_are_bit_identical(mode):
-    values, indices = make_label_maps(4, 5, 1000, seed=20)
-    values[:, 1] = values[:, 0]  # equal contributions: summation order would show
-    boxes = torch.cat([make_boxes(2, seed=21), EDGE_BOXES[[0, 4]]])
-    sample_index = torch.tensor([3, 1, 1, 0])
-    flip = torch.tensor([True, False, True, False])
-    runs = [label_pooling_triton(values, indices, boxes, sample_index, flip, 1000, 2, mode)
-            for _ in range(2)]
-    assert torch.equal(runs[0], runs[1])
 
 
 def test_launcher_rejects_bad_arguments():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from label_pooling_tester import LabelPoolingTester
 from labelmap_data import make_boxes, make_label_maps
 from dali_relabel import LabelMapStore, label_pooling, reference_label_pooling, write_labelmaps
 from dali_relabel.ops import sparse_targets
@@ -29,6 +30,16 @@ EDGE_BOXES = torch.tensor([
 ])
 
 
+class TestSparseLabelPooling(LabelPoolingTester):
+    """sparse_label_pooling, densified (its modes: softmax and argmax)."""
+
+    modes = ("softmax", "argmax")
+    output_sizes = (1, 2, 3, 7, 14)
+
+    def pool(self, values, indices, boxes, **kwargs):
+        return sparse_label_pooling(values, indices, boxes, **kwargs).dense()
+
+
 def check_against_reference(values, indices, boxes, **kwargs):
     """Dense form vs the reference (the definition's 1e-5, as label_pooling's tests) and vs
     label_pooling, which sums in a similar order (1e-6); returns the sparse targets."""
@@ -40,23 +51,6 @@ def check_against_reference(values, indices, boxes, **kwargs):
     assert_close(dense, label_pooling(values, indices, boxes, **kwargs), atol=1e-6, rtol=0)
     assert_close(dense.sum(-1), torch.ones(want.shape[:-1]))
     return sparse
-
-
-@pytest.mark.parametrize("mode", ["softmax", "argmax"])
-@pytest.mark.parametrize("output_size", [1, 2, 3, 7, 14])
-def test_matches_reference_with_flip_and_gather(output_size, mode):
-    values, indices = make_label_maps(20, 5, 1000, seed=output_size)
-    boxes = torch.cat([make_boxes(12, seed=output_size), EDGE_BOXES])
-    flip = torch.arange(len(boxes)) % 3 == 0
-    sample_index = torch.randperm(20, generator=torch.Generator().manual_seed(1))
-    sparse = check_against_reference(values, indices, boxes, num_classes=1000,
-                                     output_size=output_size, mode=mode, flip=flip,
-                                     sample_index=sample_index)
-    rows = (20,) if output_size == 1 else (20, output_size ** 2)
-    assert sparse.fill.shape == rows and len(sparse) == 20
-    f = footprint(15, output_size)
-    assert sparse.classes.shape[-1] == (min(5 * f * f, 1000) if mode == "softmax" else 1)
-    assert sparse.classes.dtype == torch.int16 and sparse.probs.dtype == torch.float32
 
 
 @pytest.mark.parametrize("mode", ["softmax", "argmax"])
@@ -111,16 +105,6 @@ def test_many_classes(num_classes):
                                      num_classes=num_classes, output_size=4,
                                      flip=torch.tensor([True, False, True]))
     assert sparse.classes.dtype == (torch.int16 if num_classes < 32768 else torch.int32)
-
-
-def test_argmax_ties_pick_the_smallest_class_as_torch_argmax():
-    """Logits of zero tie with every unlisted class; negative ones lose to them."""
-    values = torch.tensor([0.0, -1.0, 2.0, -3.0]).view(4, 1, 1, 1).expand(4, 1, 2, 2)
-    indices = torch.tensor([3, 0, 5, 0]).view(4, 1, 1, 1).expand(4, 1, 2, 2)
-    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(4, 4)
-    sparse = sparse_label_pooling(values, indices, boxes, num_classes=8, mode="argmax")
-    want = reference_label_pooling(values, indices, boxes, num_classes=8, mode="argmax")
-    assert sparse.classes[:, 0].tolist() == want.argmax(-1).tolist() == [0, 1, 5, 1]
 
 
 @pytest.mark.parametrize("size, output_size", [(15, 1), (15, 2), (15, 7), (15, 14), (14, 14),
