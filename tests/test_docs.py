@@ -4,13 +4,12 @@ data it makes; every relative link points at a file that exists.
 A block whose first line is a `# torchrun ...` comment is a complete distributed script: it
 runs under `torchrun --standalone --nproc_per_node=2` (gloo). The others run with `python`.
 """
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from script_runner import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -39,14 +38,8 @@ def test_relative_links_point_at_files(page):
 def test_block_runs(page, block, tmp_path):
     script = tmp_path / "block.py"
     script.write_text(block, encoding="utf-8")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    if block.lstrip().startswith("# torchrun"):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc_per_node=2", str(script)]
-    else:
-        command = [sys.executable, str(script)]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
+    torchrun = 2 if block.lstrip().startswith("# torchrun") else 0
+    result = run_python(script, torchrun=torchrun, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # A block that prints promises output: it must print something.
     if "print(" in block:

@@ -11,8 +11,6 @@ triton_compile.py) and read the generated code.
 import concurrent.futures
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from dali_relabel import MODES, reference_label_pooling
 from dali_relabel.ops.kernels.label_pooling_triton import label_pooling_triton
 from label_pooling_tester import LabelPoolingTester
 from labelmap_data import EDGE_BOXES, make_boxes, make_label_maps
+from script_runner import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,15 +99,14 @@ TRITON_36 = REPO / ".venv" / "triton-3.6"
 
 
 def compile_for(triton_version: str, arch: int) -> dict:
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = {}
     if triton_version != "installed":
         assert (TRITON_36 / "triton").is_dir(), (
             f"{TRITON_36} is missing: `make venv` installs triton 3.6 there for this test")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRITON_36),
-                                                          env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_compile.py")),
-                             "--arch", str(arch)], env=env, capture_output=True, text=True,
-                            timeout=900)
+                                                          os.environ.get("PYTHONPATH")]))
+    result = run_python(Path(__file__).with_name("triton_compile.py"), "--arch", arch, env=env,
+                        timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout)
 

@@ -8,7 +8,6 @@ import importlib.util
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from dali_relabel import ReLabelLoader, ValLoader
 from dali_relabel.tools import make_synthetic_imagenet
+from script_runner import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "reference_scripts"
@@ -203,9 +203,7 @@ def test_a_missing_labelmaps_flag_is_named():
 
 
 def run_script(folder, argv):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "train.py", *argv], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return run_python("train.py", *argv, cwd=folder, timeout=900)
 
 
 @pytest.mark.parametrize("script", ["torchvision", "timm"])
