@@ -1,5 +1,6 @@
 """train/run.py end to end on a tiny synthetic dataset: one process, torchrun, kill and
 resume, SIGTERM, a non-finite loss; the mixing flags (the loader mixes: tests/test_mixing.py)."""
+import collections
 import json
 import os
 import signal
@@ -20,6 +21,10 @@ import run
 import trainer
 
 RUN = os.path.join(TRAIN_DIR, "run.py")
+# A resumed epoch's loss against the uninterrupted one's: the same steps in the same order,
+# exactly on the CPU; cuDNN's backward passes may differ in the last bits. Dropping the steps
+# before a kill would move the mean by percents.
+LOSS_RTOL = 1e-4 if torch.cuda.is_available() else 1e-6
 METRICS = ("epoch", "lr", "train_loss", "images_per_s", "data_wait_ms", "step_ms",
            "label_pooling_ms", "label_pooling_overhead_pct", "val_top1", "val_top5", "val_real")
 
@@ -113,6 +118,13 @@ def test_killed_run_resumes_without_repeating_or_skipping(tiny, tmp_path):
     assert by_step(trace) == by_step(reference)
     seen = [row for (epoch, _), rows in by_step(trace).items() if epoch == 1 for row in rows[0]]
     assert sorted(seen) == sorted(set(seen)) and len(seen) == 48
+    # Each epoch's record, the one resumed included, is the uninterrupted run's.
+    want = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    got = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want] == [0, 1]
+    for resumed, whole in zip(got, want):
+        assert resumed["steps"] == whole["steps"] == 6
+        assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=LOSS_RTOL)
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny, tmp_path):
@@ -233,3 +245,134 @@ def test_smoothing_reaches_the_loader_for_the_original_labels_only(tiny):
                          torch.full((len(batch.targets),), 0.9 + 0.1 / classes))
             assert_close(batch.targets.min(1).values,
                          torch.full((len(batch.targets),), 0.1 / classes))
+
+
+# ---- the loader's augmentation flags, --evaluate, the totals of a resumed epoch ----------
+
+def first_batch(tiny, *flags):
+    """The loader train/run.py builds from `flags` and its first batch."""
+    loader = trainer.train_loader(run.parse_args([*tiny, *flags]), torch.device("cpu"))
+    return loader, next(iter(loader))
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    """The loader and first batch without augmentation flags (the seed fixes both)."""
+    return first_batch(tiny)
+
+
+def test_num_crops_reaches_the_loader_and_repeats_each_image_in_its_batch(tiny, plain):
+    plain_loader, plain_batch = plain
+    loader, batch = first_batch(tiny, "--num-crops", "2")
+    assert (plain_loader.num_crops, loader.num_crops) == (1, 2)
+    # As many samples per epoch, from half the images: each twice.
+    assert len(plain_loader) == len(loader) == 6
+    epoch = collections.Counter(loader.epoch_order(0).tolist())
+    assert len(epoch) == 24 and set(epoch.values()) == {2}
+    assert len(set(plain_loader.epoch_order(0).tolist())) == 48
+    counts = collections.Counter(batch.sample_index.tolist())
+    assert len(counts) == 4 and set(counts.values()) == {2}
+    assert len(set(plain_batch.sample_index.tolist())) == 8
+    for row in counts:  # each crop of an image has its own window
+        first, second = batch.boxes[batch.sample_index == row]
+        assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("flags, attribute", [
+    pytest.param(["--aa", "rand-m9-mstd0.5-inc1"], "policy", id="aa"),
+    pytest.param(["--color-jitter", "0.4"], "color_jitter", id="color-jitter"),
+])
+def test_augmentation_flags_reach_the_loader_and_change_the_images(tiny, plain, flags,
+                                                                   attribute):
+    plain_loader, plain_batch = plain
+    loader, batch = first_batch(tiny, *flags)
+    assert getattr(plain_loader.augment, attribute) is None
+    assert getattr(loader.augment, attribute) is not None
+    # The same crops of the same images (the crop draws do not move), other pixels.
+    assert torch.equal(batch.sample_index, plain_batch.sample_index)
+    assert torch.equal(batch.boxes, plain_batch.boxes)
+    assert not torch.equal(batch.images, plain_batch.images)
+    _, again = first_batch(tiny)  # the control: without the flag, the same batch again
+    assert torch.equal(again.images, plain_batch.images)
+
+
+def test_a_policy_replaces_color_jitter_as_in_timm(tiny):
+    loader, _ = first_batch(tiny, "--aa", "rand-m9-mstd0.5", "--color-jitter", "0.4")
+    assert loader.augment.policy is not None and loader.augment.color_jitter is None
+
+
+def test_random_erasing_flags_reach_the_loader_and_erase(tiny, plain):
+    _, plain_batch = plain
+    loader, const = first_batch(tiny, "--reprob", "1", "--remode", "const")
+    augment = loader.augment
+    assert (augment.re_prob, augment.re_mode, augment.re_count) == (1.0, "const", 1)
+    assert torch.equal(const.boxes, plain_batch.boxes)
+    erased = const.images != plain_batch.images
+    assert erased.flatten(1).any(1).all()  # every image (--reprob 1) ...
+    assert (const.images[erased] == 0).all()  # ... has zeros painted in (--remode const)
+    loader, pixel = first_batch(tiny, "--reprob", "1", "--remode", "pixel")
+    assert loader.augment.re_mode == "pixel"
+    noise = pixel.images != plain_batch.images
+    assert noise.flatten(1).any(1).all() and (pixel.images[noise] != 0).any()
+    loader, three = first_batch(tiny, "--reprob", "1", "--recount", "3")
+    assert loader.augment.re_count == 3 and not torch.equal(three.images, const.images)
+
+
+@pytest.mark.parametrize("ema", [[], ["--ema", "0.5"]], ids=["plain", "ema"])
+def test_evaluate_reports_the_top1_of_the_last_epoch_of_the_checkpoint(tiny, tmp_path, ema):
+    out = tmp_path / "run"
+    run.main([*tiny, "--epochs", "2", "--output", str(out), *ema])
+    last = read_jsonl(out / "metrics.jsonl")[-1]
+    saved = (out / "last.pt").read_bytes()
+    # The evaluation of a run with --ema is the EMA's: --evaluate evaluates what was saved
+    # as the model the run reports, with or without the flag.
+    for weights in (["--checkpoint", str(out / "last.pt")], ["--resume", str(out / "last.pt")],
+                    ["--resume", "auto", *ema]):
+        record = run.main([*tiny, "--evaluate", "--output", str(out), *weights])
+        assert record == {key: pytest.approx(last[key]) for key in
+                          ("val_top1", "val_top5", "val_real")}, weights
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2  # --evaluate writes nothing
+    assert (out / "last.pt").read_bytes() == saved
+
+
+def test_a_resumed_epoch_reports_the_whole_epoch(tiny, tmp_path):
+    """Killed mid-epoch and resumed, the epoch's record covers all its steps: the loss of
+    the steps before the kill comes from the checkpoint."""
+    flags = [*tiny, "--batch-size", "4", "--epochs", "1"]  # 12 steps
+    reference = run.main([*flags, "--output", str(tmp_path / "ref")])
+    trace, out = tmp_path / "trace.jsonl", tmp_path / "killed"
+    args = [*flags, "--output", str(out), "--ckpt-every", "1", "--trace-samples", str(trace)]
+    process = start(args)
+    wait_for_steps(trace, 5, process)  # step 5 is traced after step 4's checkpoint
+    process.kill()
+    process.wait()
+    done = torch.load(out / "last.pt", weights_only=True)["loaders"][0]["batches_done"]
+    assert 4 <= done < 12  # killed mid-epoch, after a checkpoint of it
+    assert not (out / "metrics.jsonl").exists()
+    record = run.main([*args, "--resume", "auto"])
+    loader_len = len(trainer.train_loader(run.parse_args(flags), torch.device("cpu")))
+    assert record["steps"] == reference["steps"] == loader_len == 12
+    assert record["train_loss"] == pytest.approx(reference["train_loss"], rel=LOSS_RTOL)
+    (written,) = read_jsonl(out / "metrics.jsonl")
+    assert written == pytest.approx(record)
+
+
+def test_evaluate_evaluates_the_ema_the_run_reported(tiny, tmp_path):
+    """A run with --ema reports its EMA's accuracy: --evaluate evaluates the EMA weights
+    of the checkpoint, with or without --ema. Crafted so the two weights disagree: the EMA
+    always answers class 2, the raw model class 0; every ReaL set is {2}."""
+    out = tmp_path / "run"
+    run.main([*tiny, "--epochs", "1", "--output", str(out), "--ema", "0.5"])
+    state = torch.load(out / "last.pt", weights_only=True)
+    for key, answer in (("ema", 2), ("model", 0)):
+        state[key]["fc.weight"].zero_()
+        state[key]["fc.bias"].copy_(torch.eye(4)[answer] * 100)
+    crafted = tmp_path / "crafted.pt"
+    torch.save(state, crafted)
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps([[2]] * 16))
+    flags = [*tiny, "--real-labels", str(real), "--evaluate", "--output", str(out)]
+    for weights in (["--checkpoint", str(crafted)], ["--resume", str(crafted)],
+                    ["--checkpoint", str(crafted), "--ema", "0.9"]):
+        record = run.main([*flags, *weights])
+        assert (record["val_real"], record["val_top1"]) == (100.0, 25.0), weights

@@ -10,16 +10,21 @@ soft target, and the loss is the soft-target cross-entropy. Launch:
 Without --data it builds the synthetic dataset of `dali-relabel synthetic` in a cache folder
 and trains a small model on whatever device exists. CUDA + NCCL when a GPU is present, CPU + gloo
 otherwise. Rank 0 alone logs; outputs go to --output: args.yaml, metrics.jsonl, last.pt,
-best.pt. `--resume auto` continues from last.pt, the loader's position included.
+best.pt. `--resume auto` continues from last.pt, the loader's position included;
+`--evaluate --resume auto` reports its accuracy. Every flag and input file is checked before
+the first step: a bad one stops the run in one line naming the flag.
 """
 import argparse
 import datetime
+import difflib
 import logging
+import math
 import os
 import signal
 import time
 from typing import Any, Dict, List, Optional
 
+import timm
 import torch.distributed as dist
 import yaml
 
@@ -27,7 +32,7 @@ from dali_relabel import LABEL_MODES, MIXUP_MODES
 from dali_relabel.augment import RE_MODES
 from dali_relabel.files import check_output_path
 from dali_relabel.tools import make_synthetic_imagenet
-from trainer import SGD_NAMES, Distributed, Trainer
+from trainer import SGD_NAMES, Distributed, Trainer, writing
 
 logger = logging.getLogger("train")
 
@@ -37,6 +42,15 @@ DEMO_DEFAULTS = dict(model="resnet10t", image_size=64, val_resize=72, epochs=15,
 DEMO_SGD_LR = 0.4  # the demo's short schedule wants more than 0.1 x 32 / 256
 PAPER_DEFAULTS = dict(model="resnet50", image_size=224, val_resize=256, epochs=300,
                       batch_size=128, lr=None, warmup_epochs=5.0)
+# The ranges of the numeric flags the loaders do not see (the loaders check theirs, and the
+# trainer names the flag in their errors). "[1, inf)": >= 1; NaN and infinities never pass.
+FLAG_RANGES = {
+    "--epochs": "[1, inf)", "--eval-every": "[1, inf)", "--log-every": "[1, inf)",
+    "--ckpt-every": "[0, inf)", "--token-targets": "[0, inf)", "--lr": "(0, inf)",
+    "--min-lr": "[0, inf)", "--warmup-epochs": "[0, inf)", "--weight-decay": "[0, inf)",
+    "--momentum": "[0, 1)", "--ema": "[0, 1)", "--smoothing": "[0, 1)", "--drop-path": "[0, 1)",
+    "--token-loss-weight": "[0, inf)", "--cutmix-prob": "[0, 1]", "--cutmix-beta": "(0, inf)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--evaluate", action="store_true",
                      help="evaluate --checkpoint (or --resume) on --val-data and exit: "
-                          "top-1, top-5 and, with --real-labels, ReaL")
+                          "top-1, top-5 and, with --real-labels, ReaL; of a train "
+                          "checkpoint its EMA weights if it has them, as the run evaluated")
     run.add_argument("--output", default="output/train", help="output folder "
                                                               "(default: output/train)")
     run.add_argument("--resume", help="'auto' (OUTPUT/last.pt if present) or a checkpoint")
@@ -175,6 +190,9 @@ def read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
         config = yaml.safe_load(text)
     except OSError as e:
         raise SystemExit(f"--config {path}: cannot read it ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                         f"offset {e.start}); save it as UTF-8") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -219,31 +237,63 @@ def _type_name(action: argparse.Action) -> str:
     return getattr(action.type, "__name__", "str") if action.type else "str"
 
 
+def check_range(flag: str, value: Any, bounds: str) -> None:
+    """Refuses `value` of `flag` outside `bounds` ("[low, high)", "(0, inf)", ...; NaN and
+    infinities never pass): SystemExit, one line naming the flag and the range."""
+    low, high = (float(bound) for bound in bounds[1:-1].split(","))
+    above = value > low if bounds[0] == "(" else value >= low
+    below = value < high if bounds[-1] == ")" else value <= high
+    if not (math.isfinite(value) and above and below):
+        expected = (f"{'>' if bounds[0] == '(' else '>='} {low:g}" if math.isinf(high) else
+                    f"in {bounds}")
+        finite = "finite and " if isinstance(value, float) else ""
+        raise SystemExit(f"{flag} must be {finite}{expected}, got {value!r}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags the loaders do not see, at the start; the loaders' own (--data,
+    --batch-size, --aa, ...) are checked when the trainer builds them."""
+    for flag, bounds in FLAG_RANGES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            check_range(flag, value, bounds)
+    if ":" not in args.model and not timm.is_model(args.model):  # hf-hub:, local-dir: aside
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+        raise SystemExit(f"--model {args.model}: not a timm model ({hint})")
+    try:
+        check_output_path(args.output, argument="--output", directory=True)
+        if args.trace_samples:
+            check_output_path(args.trace_samples, argument="--trace-samples")
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    if args.data is not None and args.labelmaps is None:
+        raise SystemExit("--labelmaps is required with --data")
+    if args.real_labels and args.data is not None and not args.val_data:
+        raise SystemExit("--real-labels needs --val-data (the images the label sets are of)")
+    if args.evaluate and not (args.checkpoint or args.resume):
+        raise SystemExit("--evaluate needs the weights to evaluate: --checkpoint FILE or "
+                         "--resume FILE")
+    if args.evaluate and args.checkpoint and args.resume:
+        raise SystemExit("--evaluate evaluates one checkpoint: give --checkpoint or --resume, "
+                         "not both")
+    if args.evaluate and args.data is not None and not args.val_data:
+        raise SystemExit("--evaluate needs --val-data")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
     if args.config:
         parser.set_defaults(**read_config(args.config, parser))
     args = parser.parse_args(argv)
-    try:
-        check_output_path(args.output, argument="--output", directory=True)
-    except ValueError as e:
-        raise SystemExit(str(e)) from e
     preset = DEMO_DEFAULTS if args.data is None else PAPER_DEFAULTS
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.data is None and args.lr is None and args.opt in SGD_NAMES:
         args.lr = DEMO_SGD_LR
-    if args.data is not None and args.labelmaps is None:
-        raise SystemExit("--labelmaps is required with --data")
-    if args.evaluate and not (args.checkpoint or args.resume):
-        raise SystemExit("--evaluate needs the weights to evaluate: --checkpoint FILE or "
-                         "--resume FILE")
-    if args.evaluate and args.data is not None and not args.val_data:
-        raise SystemExit("--evaluate needs --val-data")
-    if args.token_targets < 0:
-        raise SystemExit(f"--token-targets must be >= 0 (0 = off), got {args.token_targets}")
+    check_args(args)
     if args.cutmix_prob > 0:
         if args.cutmix > 0 or args.mixup > 0 or args.cutmix_minmax:
             raise SystemExit("--cutmix-prob P --cutmix-beta B is the older spelling of --cutmix "
@@ -271,6 +321,32 @@ def demo_dataset(args: argparse.Namespace, dist_: Distributed) -> None:
     args.data, args.labelmaps = dataset.train_root, dataset.labelmaps
     args.val_data = args.val_data or dataset.val_root
     args.real_labels = args.real_labels or dataset.real_labels
+
+
+def resume_path(args: argparse.Namespace, dist_: Distributed) -> Optional[str]:
+    """The checkpoint --resume names: 'auto' is OUTPUT/last.pt if rank 0 finds it (so all
+    ranks resume or none does)."""
+    resume = args.resume
+    if resume == "auto":
+        last = os.path.join(args.output, "last.pt")
+        found = [last if os.path.exists(last) else None]
+        if dist_.world > 1:
+            dist.broadcast_object_list(found, src=0)
+        resume = found[0]
+        if resume is None and args.evaluate:
+            raise SystemExit(f"--resume auto: nothing to evaluate, no {last}")
+    if resume and not os.path.isfile(resume):
+        if args.resume == "auto":  # rank 0 found it
+            raise SystemExit(f"--resume auto: rank {dist_.rank} cannot read {resume}: --output "
+                             "must be on a file system every node sees")
+        raise SystemExit(f"--resume {resume}: no such file")
+    return resume
+
+
+def write_args(args: argparse.Namespace) -> None:
+    path = os.path.join(args.output, "args.yaml")
+    with writing(path), open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(vars(args), f, sort_keys=False)
 
 
 def summary(args: argparse.Namespace, trainer: "Trainer", record: Dict[str, float],
@@ -303,29 +379,22 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     try:
         if args.data is None:
             demo_dataset(args, dist_)
+        resume = resume_path(args, dist_)
         os.makedirs(args.output, exist_ok=True)
         trainer = Trainer(args, dist_)
         signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "signalled", True))
-        resume = args.resume
-        if resume == "auto":  # rank 0 decides, so all ranks resume or none does
-            found = [trainer.last_path if os.path.exists(trainer.last_path) else None]
-            if dist_.world > 1:
-                dist.broadcast_object_list(found, src=0)
-            resume = found[0]
-        if resume:
-            if not os.path.exists(resume):
-                raise SystemExit(f"rank {dist_.rank} cannot read the checkpoint {resume}: "
-                                 "--output must be on a file system every node sees")
-            trainer.resume(resume)
-        if args.evaluate:
+        if args.evaluate:  # the weights alone (the EMA the run evaluated, if any)
+            if resume:
+                trainer.load_weights(resume, "--resume", prefer_ema=True)
             record = trainer.evaluate()
             if dist_.main:
-                logger.info("evaluated %s on %s: %s", args.resume or args.checkpoint,
+                logger.info("evaluated %s on %s: %s", args.checkpoint or resume,
                             args.val_data, ", ".join(f"{k}={v:.2f}%" for k, v in record.items()))
             return record
+        if resume:
+            trainer.resume(resume)
+        trainer.write_on_main(lambda: write_args(args))
         if dist_.main:
-            with open(os.path.join(args.output, "args.yaml"), "w", encoding="utf-8") as f:
-                yaml.safe_dump(vars(args), f, sort_keys=False)
             logger.info("%s on %s x %d, %d steps/epoch, lr %.4g, started %s", args.model,
                         dist_.device.type, dist_.world, len(trainer.train), args.lr,
                         datetime.datetime.now().isoformat(timespec="seconds"))

@@ -5,17 +5,24 @@ step reads nothing from the GPU: losses accumulate on the device and are gathere
 logging steps and at the end of an epoch; every host-to-device copy goes through the loader's
 pinned transfers. A checkpoint holds every rank's loader position and the epoch's running
 totals, so a resumed epoch reports the whole epoch.
+
+Bad input stops a run before its first step, in one line naming the flag: the loaders' argument
+errors are mapped to the flags that set them, checkpoints are checked against the model, the
+optimizer and the loader before anything is loaded, and a failed write (a full disk) names the
+file and the last good checkpoint, which it leaves as it was.
 """
 import argparse
+import contextlib
+import errno
 import functools
 import json
 import logging
 import math
 import os
 import pickle
-import shutil
+import re
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 import timm
@@ -25,7 +32,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from dali_relabel import ReLabelLoader, ValLoader, soft_target_cross_entropy
+from dali_relabel import LabelMapError, ReLabelLoader, ValLoader, soft_target_cross_entropy
 from dali_relabel.files import atomic_path
 from dali_relabel.loading import resolve_device
 from token_labeling import TokenLabelingModel, create_token_model
@@ -33,6 +40,16 @@ from token_labeling import TokenLabelingModel, create_token_model
 logger = logging.getLogger("train")
 
 SGD_NAMES = ("sgd", "nesterov", "momentum")
+# The loaders' arguments and the flags that set them, to name the flag in their errors.
+LOADER_FLAGS = dict(
+    image_root="--data", labelmaps="--labelmaps", exclude="--exclude", batch_size="--batch-size",
+    image_size="--image-size", resize_size="--val-resize", num_threads="--threads",
+    num_crops="--num-crops", seed="--seed", output_size="--token-targets", auto_augment="--aa",
+    color_jitter="--color-jitter", re_prob="--reprob", re_mode="--remode", re_count="--recount",
+    mixup_alpha="--mixup", cutmix_alpha="--cutmix", cutmix_minmax="--cutmix-minmax",
+    mixup_prob="--mixup-prob", mixup_switch_prob="--mixup-switch-prob",
+    mixup_mode="--mixup-mode", label_smoothing="--smoothing")
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # EFBIG: over RLIMIT_FSIZE
 
 
 class Distributed:
@@ -91,6 +108,14 @@ class Distributed:
 
         return result
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (over the gloo group: no GPU sync)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.vote_group)
+        return box[0]
+
     def gather(self, obj: Any) -> List[Any]:
         if self.world == 1:
             return [obj]
@@ -144,16 +169,101 @@ def load_checkpoint(path: str, *, option: str) -> Any:
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
 
 
-def read_real_labels(path: str, val: ValLoader) -> List[List[int]]:
-    """ReaL label sets per ValLoader path: the JSON follows the sorted val file names."""
-    with open(path, encoding="utf-8") as f:
-        sets = json.load(f)
+class WriteError(Exception):
+    """A file that could not be written, and the OSError why."""
+
+    def __init__(self, path: str, error: OSError) -> None:
+        super().__init__(f"{path}: {error}")
+        self.path, self.error = path, error
+
+    def describe(self, last_good: Optional[str]) -> str:
+        """One line: the file, why, and the checkpoint to continue from."""
+        full = self.error.errno in NO_SPACE
+        why = ("no space left on the device (or over the file-size limit)" if full else
+               self.error.strerror or str(self.error))
+        return (f"cannot write {self.path}: {why}; last good checkpoint: "
+                f"{last_good or 'none written yet'}; {'free some space, then ' if full else ''}"
+                "continue with --resume auto")
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turns a failed write of `path` into a WriteError (torch.save reports its file's
+    OSError as the context of a RuntimeError)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        cause: Optional[BaseException] = error
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise WriteError(path, cause) from error
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@contextlib.contextmanager
+def flags_named(default: str, labelmaps: Optional[str] = None) -> Iterator[None]:
+    """A loader's ValueError or OSError as SystemExit, in one line naming the flag: its
+    arguments become the flags that set them (LOADER_FLAGS); a message that names none is
+    put under `default` (under --labelmaps when it is about that file)."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        message = one_line(error)
+        for name, flag in LOADER_FLAGS.items():
+            message = re.sub(rf"\b{name}=", f"{flag} ", message)  # batch_size=8: --batch-size 8
+        name = re.match(r"\w*", message).group()
+        if name in LOADER_FLAGS:
+            message = LOADER_FLAGS[name] + message[len(name):]
+        elif not message.startswith("--"):
+            about_maps = labelmaps and (isinstance(error, LabelMapError) or labelmaps in message)
+            message = f"{'--labelmaps' if about_maps else default}: {message}"
+        raise SystemExit(message) from error
+
+
+def read_real_labels(path: str, val: ValLoader, num_classes: int) -> List[List[int]]:
+    """ReaL label sets per ValLoader path: the JSON follows the sorted val file names.
+
+    Raises:
+        SystemExit: One line naming the file: unreadable, not JSON, not one list of class
+            indices in [0, num_classes) per validation image.
+    """
+    where = f"--real-labels {path}"
+    expected = (f"a JSON list of ReaL label sets, one list of class indices in [0, "
+                f"{num_classes}) per validation image (in the order of the sorted file names)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            sets = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"{where}: cannot read it ({e.strerror or e})") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise SystemExit(f"{where}: not valid JSON ({one_line(e)}); expected {expected}") from e
+    if not isinstance(sets, list):
+        raise SystemExit(f"{where}: found a JSON {type(sets).__name__}; expected {expected}")
+    for i, labels in enumerate(sets):
+        if not isinstance(labels, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and 0 <= c < num_classes
+                for c in labels):
+            raise SystemExit(f"{where}: entry {i} is {json.dumps(labels)[:60]}; expected "
+                             f"{expected}")
     names = sorted(os.path.basename(p) for p in val.paths)
     if len(sets) != len(names):
-        raise SystemExit(f"--real-labels {path}: {len(sets)} label sets for {len(names)} "
-                         "validation images")
+        raise SystemExit(f"{where}: {len(sets)} label sets for {len(names)} validation images")
     position = {name: i for i, name in enumerate(names)}
     return [sets[position[os.path.basename(p)]] for p in val.paths]
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @torch.no_grad()
@@ -204,6 +314,9 @@ class EpochMeter:
     trainer synchronizes), the rest on the host; saved with a checkpoint, so that a resumed
     epoch reports the steps before the interruption too."""
 
+    KEYS = ("loss_sum", "first_bad", "samples", "steps", "wait_s", "step_s", "pooling_s",
+            "elapsed_s")
+
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
@@ -231,20 +344,57 @@ class EpochMeter:
             setattr(self, key, float(state[key]))
 
 
+# What a checkpoint of this trainer holds: key -> (what it must be, its check); all but
+# 'meters' (the epoch's totals, absent from older checkpoints) are required.
+CHECKPOINT_KEYS: Dict[str, Any] = {
+    "model": ("a state_dict (names to tensors)", _is_state_dict),
+    "ema": ("None or a state_dict", lambda v: v is None or _is_state_dict(v)),
+    "optimizer": ("an optimizer state_dict",
+                  lambda v: isinstance(v, dict) and {"state", "param_groups"} <= set(v)),
+    "epoch": ("an int >= 0", _is_count),
+    "step": ("an int >= 0", _is_count),
+    "best": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "loaders": ("a list of loader positions (dicts), one per process",
+                lambda v: isinstance(v, list) and v and all(isinstance(x, dict) for x in v)),
+    "meters": ("None or a list of epoch totals with the keys " + ", ".join(EpochMeter.KEYS),
+               lambda v: v is None or isinstance(v, list) and all(
+                   isinstance(m, dict) and all(isinstance(m.get(k), (int, float))
+                                               for k in EpochMeter.KEYS) for m in v)),
+}
+
+
+def check_train_checkpoint(state: Any, where: str) -> None:
+    """Refuses contents that are not a checkpoint of this trainer, in one line."""
+    if not isinstance(state, dict) or "loaders" not in state and "model" not in state:
+        what = "a model state_dict" if _is_state_dict(state) else f"a {type(state).__name__}"
+        raise SystemExit(f"{where}: not a checkpoint of train/run.py (found {what}); to "
+                         "start from a model's weights, pass it as --checkpoint")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state and key != "meters"]
+    if missing:
+        raise SystemExit(f"{where}: not a checkpoint of train/run.py: it lacks "
+                         f"{', '.join(map(repr, missing))}")
+    for key, (expected, ok) in CHECKPOINT_KEYS.items():
+        if not ok(state.get(key)):
+            found = type(state.get(key)).__name__
+            raise SystemExit(f"{where}: its {key!r} is not {expected} (found a {found})")
+
+
 class Trainer:
     def __init__(self, args: argparse.Namespace, dist_: Distributed) -> None:
         self.args, self.dist = args, dist_
         device = dist_.device
-        self.train = train_loader(args, device)
+        with flags_named("--data", labelmaps=args.labelmaps and str(args.labelmaps)):
+            self.train = train_loader(args, device)
         self.val = None
         self.real = None
         if args.val_data:
-            self.val = ValLoader(args.val_data, args.batch_size, device=device,
-                                 image_size=args.image_size, resize_size=args.val_resize,
-                                 classes=self.train.store.classes, num_threads=args.threads,
-                                 channels_last=args.channels_last)
+            with flags_named("--val-data"):
+                self.val = ValLoader(args.val_data, args.batch_size, device=device,
+                                     image_size=args.image_size, resize_size=args.val_resize,
+                                     classes=self.train.store.classes, num_threads=args.threads,
+                                     channels_last=args.channels_last)
             if args.real_labels:
-                self.real = read_real_labels(args.real_labels, self.val)
+                self.real = read_real_labels(args.real_labels, self.val, self.train.num_classes)
         if args.lr is None:
             global_batch = args.batch_size * dist_.world
             args.lr = 0.1 * global_batch / 256 if args.opt in SGD_NAMES else 1e-3
@@ -252,19 +402,26 @@ class Trainer:
         create = (functools.partial(create_token_model, token_targets=args.token_targets,
                                     image_size=args.image_size)
                   if args.token_targets else timm.create_model)
-        model = create(args.model, pretrained=args.pretrained,
-                       num_classes=self.train.num_classes, drop_path_rate=args.drop_path or None)
-        if args.checkpoint:
-            state = load_checkpoint(args.checkpoint, option="--checkpoint")
-            model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        try:
+            model = create(args.model, pretrained=args.pretrained,
+                           num_classes=self.train.num_classes,
+                           drop_path_rate=args.drop_path or None)
+        except (RuntimeError, ValueError, OSError) as e:  # e.g. --pretrained weights missing
+            raise SystemExit(f"--model {args.model}: cannot create it ({one_line(e)})") from e
+        self.model, self.ema = model, None
+        if args.checkpoint:  # --evaluate evaluates what the run reported: its EMA, if any
+            self.load_weights(args.checkpoint, "--checkpoint", prefer_ema=args.evaluate)
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.model = model
         self.ema = ModelEmaV3(model, decay=args.ema) if args.ema > 0 else None
-        self.optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr,
-                                             weight_decay=args.weight_decay,
-                                             momentum=args.momentum)
+        try:
+            self.optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr,
+                                                 weight_decay=args.weight_decay,
+                                                 momentum=args.momentum)
+        except ValueError as e:
+            raise SystemExit(f"--opt {args.opt}: cannot create the optimizer "
+                             f"({one_line(e)})") from e
         self.net = TokenLabelingModel(model) if args.token_targets else model
         if dist_.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -281,34 +438,114 @@ class Trainer:
         self.best_path = os.path.join(args.output, "best.pt")
 
     # ---- checkpoints -------------------------------------------------------------------
-    def checkpoint(self, path: str) -> None:
+    def write_on_main(self, write: Callable[[], None]) -> None:
+        """Runs `write` on rank 0. A failed write (a WriteError) stops every rank: rank 0
+        with one line naming the file, the others with status 1."""
+        failure = None
+        if self.dist.main:
+            try:
+                write()
+            except WriteError as e:
+                failure = e.describe(self.last_good)
+        failure = self.dist.broadcast(failure)
+        if failure:
+            raise SystemExit(failure if self.dist.main else 1)
+
+    def checkpoint(self, path: str, *, best: bool = False) -> None:
         """All ranks call this: every rank's loader position and epoch totals go into rank
-        0's file."""
+        0's file (and into best.pt too with `best`, written first: if it cannot be, `path`
+        keeps the last good checkpoint)."""
         ranks = self.dist.gather(dict(loader=self.train.state_dict(),
                                       meter=self.meter.state_dict()))
-        if self.dist.main:
-            save_atomic(dict(model=self.model.state_dict(),
-                             ema=self.ema.module.state_dict() if self.ema else None,
-                             optimizer=self.optimizer.state_dict(), epoch=self.epoch,
-                             step=self.step, best=self.best,
-                             loaders=[rank["loader"] for rank in ranks],
-                             meters=[rank["meter"] for rank in ranks],
-                             args=vars(self.args)), path)
+
+        def save() -> None:
+            state = dict(model=self.model.state_dict(),
+                         ema=self.ema.module.state_dict() if self.ema else None,
+                         optimizer=self.optimizer.state_dict(), epoch=self.epoch,
+                         step=self.step, best=self.best,
+                         loaders=[rank["loader"] for rank in ranks],
+                         meters=[rank["meter"] for rank in ranks], args=vars(self.args))
+            for target in ([self.best_path] if best else []) + [path]:
+                with writing(target):
+                    save_atomic(state, target)
+
+        self.write_on_main(save)
         self.last_good = path
 
+    def load_weights(self, path: str, option: str, *, prefer_ema: bool = False) -> None:
+        """The model's weights from a state_dict or a train checkpoint ('model', or its
+        'ema' with `prefer_ema` when it holds one), checked against the model first."""
+        state = load_checkpoint(path, option=option)
+        train_checkpoint = isinstance(state, dict) and isinstance(state.get("model"), Mapping)
+        weights = state
+        if train_checkpoint:
+            use_ema = prefer_ema and state.get("ema") is not None
+            weights = state["ema"] if use_ema else state["model"]
+            if use_ema and self.dist.main:
+                logger.info("%s %s: its EMA weights, which the run evaluated", option, path)
+        self.check_weights(weights, f"{option} {path}",
+                           state.get("args") if train_checkpoint else None)
+        for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
+            model.load_state_dict(weights)
+
+    def check_weights(self, weights: Any, where: str, saved_args: Any = None) -> None:
+        """Refuses weights that do not fit the model, in one line: the keys it lacks or does
+        not know and the shapes that differ."""
+        if not _is_state_dict(weights):
+            raise SystemExit(f"{where}: expected a state_dict (parameter names to tensors) or "
+                             f"a train checkpoint holding one, found a {type(weights).__name__}")
+        own = self.model.state_dict()
+        missing = [key for key in own if key not in weights]
+        unknown = [key for key in weights if key not in own]
+        reshaped = [f"{key}: saved shape {list(weights[key].shape)}, now {list(value.shape)}"
+                    for key, value in own.items()
+                    if key in weights and weights[key].shape != value.shape]
+        if missing or unknown or reshaped:
+            problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in (
+                (missing, "weights missing"), (unknown, "unknown")) if keys] + reshaped[:2]
+            saved = (saved_args or {}).get("model") if isinstance(saved_args, dict) else None
+            by = f"saved by --model {saved}, " if saved and saved != self.args.model else ""
+            raise SystemExit(f"{where}: its weights do not fit --model {self.args.model} with "
+                             f"{self.train.num_classes} classes ({by}{'; '.join(problems)})")
+
     def resume(self, path: str) -> None:
+        """Continues the run of a checkpoint, checked first in full: its structure, its
+        world size, optimizer, weights and loader position must be this run's."""
+        where = f"--resume {path}"
         state = load_checkpoint(path, option="--resume")
+        check_train_checkpoint(state, where)
         if len(state["loaders"]) != self.dist.world:
-            raise SystemExit(f"{path} was written by {len(state['loaders'])} processes; "
+            raise SystemExit(f"{where}: written by {len(state['loaders'])} processes; "
                              f"resume with as many (now {self.dist.world})")
+        saved = state.get("args") if isinstance(state.get("args"), dict) else {}
+        if str(saved.get("opt", self.args.opt)).lower() != self.args.opt.lower():
+            raise SystemExit(f"{where}: saved by a run with --opt {saved['opt']}, now --opt "
+                             f"{self.args.opt}; resume with the same optimizer, or start from "
+                             "its weights with --checkpoint")
+        self.check_weights(state["model"], where, saved)
+        if self.ema is not None and state["ema"] is not None:
+            self.check_weights(state["ema"], f"{where} (its 'ema')", saved)
+        meters = state.get("meters")
+        if meters is not None and len(meters) != len(state["loaders"]):
+            raise SystemExit(f"{where}: {len(meters)} 'meters' for {len(state['loaders'])} "
+                             "'loaders'")
+        position = state["loaders"][self.dist.rank]
+        try:
+            self.train.load_state_dict(position)
+        except ValueError as e:
+            raise SystemExit(f"{where}: its loader position is not this run's: "
+                             f"{one_line(e)}") from e
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{where}: its optimizer state does not fit --opt {self.args.opt} "
+                             f"({one_line(e)})") from e
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
-        self.train.load_state_dict(state["loaders"][self.dist.rank])
-        if state.get("meters") and state["loaders"][self.dist.rank]["batches_done"] > 0:
-            self.meter.load_state_dict(state["meters"][self.dist.rank])
+        if meters and position["batches_done"] > 0:
+            self.meter.load_state_dict(meters[self.dist.rank])
         self.last_good = path
         if self.dist.main:
             logger.info("resumed from %s: epoch %d, step %d", path, self.epoch, self.step)
@@ -420,9 +657,13 @@ class Trainer:
 
     def trace(self, batch) -> None:
         rows = self.dist.gather(batch.sample_index.tolist())
-        if self.dist.main:
-            with open(self.args.trace_samples, "a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(epoch=self.epoch, step=self.step, rows=rows)) + "\n")
+        self.write_on_main(lambda: self.append_line(
+            self.args.trace_samples, dict(epoch=self.epoch, step=self.step, rows=rows)))
+
+    @staticmethod
+    def append_line(path: str, record: Dict[str, Any]) -> None:
+        with writing(path), open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
     def fail_non_finite(self, step: int) -> None:
         where = self.last_good or "none written yet"
@@ -461,13 +702,9 @@ class Trainer:
             improved = evaluated and record["val_top1"] > self.best
             if improved:
                 self.best = record["val_top1"]
-            self.checkpoint(self.last_path)
+            self.checkpoint(self.last_path, best=improved)
+            self.write_on_main(lambda: self.append_line(self.metrics_path, record))
             if self.dist.main:
-                if improved:
-                    with atomic_path(self.best_path) as tmp:
-                        shutil.copyfile(self.last_path, tmp)
-                with open(self.metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
                 logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in record.items()))
             last = record
