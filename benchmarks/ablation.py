@@ -13,12 +13,19 @@ miss the labelled object, and measures:
 - every ordering the paper reports as a paired difference: seed s gives every configuration
   the same initialisation, image order, crops and flips, so the differences are measured
   within a seed and their standard error is over seeds; each is called shown, not shown or
-  reversed by its 95% interval.
+  reversed by its 95% interval;
+- several crops per decoded image (repeated augmentation): localized_multi with num_crops=4
+  against num_crops=1 at the same number of steps (an epoch takes a quarter of the images,
+  four crops each), in top-1 and in training time (the steps' wall clock, paired ratio).
+
+`--configs` trains a subset (the comparisons between the trained ones are made); the test
+suite trains two configurations that way.
 
 Outputs: benchmarks/results/ablation.json (every run), ablation.png and ablation.md (the
-table and the verdicts, computed from the runs; `--update-readme` copies it into README.md).
+table and the verdicts, computed from the runs; `--update-docs` copies it into
+docs/benchmarks.md).
 
-    python benchmarks/ablation.py [--seeds 4] [--epochs 12]
+    python benchmarks/ablation.py [--seeds 4] [--epochs 12] [--configs original,...]
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -42,16 +50,16 @@ from dali_relabel.files import atomic_path
 from dali_relabel.loading import random_resized_crop_windows
 from dali_relabel.tools import make_synthetic_imagenet
 # Not exported by dali_relabel.tools (yet): the synthetic maps' logit per share of a cell.
-from dali_relabel.tools.synthetic import LOGIT_SCALE
+from dali_relabel.tools import LOGIT_SCALE
 from harness import report
-from harness.stats import mean_interval
+from harness.stats import mean_interval, ratio_interval
 from harness.training import run_training
 
 logger = logging.getLogger("ablation")
 RESULTS = report.RESULTS
-README = Path(__file__).resolve().parent.parent / "README.md"
-README_START = "<!-- ablation table: written by benchmarks/ablation.py --update-readme -->"
-README_END = "<!-- end of ablation table -->"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+DOCS_START = "<!-- ablation table: written by benchmarks/ablation.py --update-docs -->"
+DOCS_END = "<!-- end of ablation table -->"
 
 # Scenes on which random crops often miss the labelled object: 3-6 objects, the labelled one
 # 0.3-0.5 of the shorter side (the default scenes: 1-4 objects, 0.5-0.85).
@@ -62,8 +70,8 @@ DATASET = dict(num_classes=10, train_per_class=160, val_per_class=600, **CLUTTER
 # One recipe for every configuration; no label smoothing, as the paper's "original" row.
 RECIPE = dict(model="test_resnet", image_size=64, val_resize=72, batch_size=64, lr=0.1,
               warmup_epochs=1.0)
-# name -> (label mode, extra trainer flags, paper's ResNet-50 top-1)
-CONFIGS: Dict[str, Tuple[str, Tuple[str, ...], float]] = {
+# name -> (label mode, extra trainer flags, paper's ResNet-50 top-1 or None)
+CONFIGS: Dict[str, Tuple[str, Tuple[str, ...], Optional[float]]] = {
     "original": ("original", (), 77.5),
     "global_single": ("global_single", (), 77.5),
     "global_multi": ("global_multi", (), 78.5),
@@ -71,6 +79,8 @@ CONFIGS: Dict[str, Tuple[str, Tuple[str, ...], float]] = {
     "localized_multi": ("localized_multi", (), 78.9),
     "original + CutMix": ("original", ("--cutmix", "1.0"), 78.6),
     "localized_multi + CutMix": ("localized_multi", ("--cutmix", "1.0"), 80.2),
+    # Not in the paper: four crops per decoded image, each its own target (same steps).
+    "localized_multi (4 crops)": ("localized_multi", ("--num-crops", "4"), None),
 }
 # (better, worse): every ordering the paper reports, each tested as a paired difference:
 # ReLabel against the original labels, localized against global targets, ReLabel with CutMix
@@ -85,6 +95,9 @@ COMPARISONS = (
     ("original + CutMix", "original"),
     ("localized_multi + CutMix", "localized_multi"),
 )
+# Questions of this project, not orderings of the paper: (other, baseline), compared in top-1
+# and in training time.
+CROPS_COMPARISONS = (("localized_multi (4 crops)", "localized_multi"),)
 
 
 def crop_coverage(coverage: np.ndarray, classes: np.ndarray, sizes: np.ndarray,
@@ -207,18 +220,29 @@ def paired_difference(better: Sequence[float], worse: Sequence[float]) -> Dict[s
 
 
 def summarize(values: Sequence[float]) -> Dict[str, Any]:
-    """Mean and standard error over seeds (at least two values)."""
-    se = statistics.stdev(values) / math.sqrt(len(values))
+    """Mean and standard error over seeds (None for one seed)."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
     return dict(mean=statistics.mean(values), se=se, values=list(values))
 
 
 def compare(configs: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Every ordering of COMPARISONS as a paired difference of top-1 over seeds, with the
-    paper's difference beside it."""
-    return [dict(better=better, worse=worse, paper=CONFIGS[better][2] - CONFIGS[worse][2],
-                 **paired_difference(configs[better]["val_top1"]["values"],
-                                     configs[worse]["val_top1"]["values"]))
-            for better, worse in COMPARISONS]
+    """Every ordering of COMPARISONS whose two configurations ran, as a paired difference
+    of top-1 over seeds, with the paper's difference beside it; then CROPS_COMPARISONS
+    (paper None), with the paired ratio of their training times."""
+    rows = []
+    for better, worse in COMPARISONS + CROPS_COMPARISONS:
+        if better not in configs or worse not in configs:
+            continue
+        paper = (None if CONFIGS[better][2] is None
+                 else CONFIGS[better][2] - CONFIGS[worse][2])
+        row = dict(better=better, worse=worse, paper=paper,
+                   **paired_difference(configs[better]["val_top1"]["values"],
+                                       configs[worse]["val_top1"]["values"]))
+        if paper is None and "train_seconds" in configs[better]:
+            row["train_time"] = ratio_interval(configs[better]["train_seconds"]["values"],
+                                               configs[worse]["train_seconds"]["values"])
+        rows.append(row)
+    return rows
 
 
 def verdict(comparison: Dict[str, Any]) -> str:
@@ -248,8 +272,15 @@ def target_note(targets: Dict[str, float]) -> str:
         f"{targets['localized_multi_top_weight']:.2f}, where localized_single gives 1.")
 
 
+def mean_se(stat: Dict[str, Any]) -> str:
+    """'mean ± se', or the mean alone for one seed."""
+    if stat["se"] is None:
+        return f"{stat['mean']:.1f}"
+    return f"{stat['mean']:.1f} ± {stat['se']:.1f}"
+
+
 def render_table(result: Dict[str, Any]) -> str:
-    """The Markdown table and verdicts of a result (what --update-readme writes)."""
+    """The Markdown table and verdicts of a result (what --update-docs writes)."""
     s, premise = result["settings"], result["premise"]
     lines = [
         f"{s['model']} at {s['image_size']} px, {s['epochs']} epochs of "
@@ -266,19 +297,21 @@ def render_table(result: Dict[str, Any]) -> str:
     ]
     for name, row in result["configs"].items():
         top1, real = row["val_top1"], row["val_real"]
-        lines.append(f"| {name} | {top1['mean']:.1f} ± {top1['se']:.1f} | "
-                     f"{real['mean']:.1f} ± {real['se']:.1f} | {row['paper_top1']:.1f} |")
+        paper = "—" if row["paper_top1"] is None else f"{row['paper_top1']:.1f}"
+        lines.append(f"| {name} | {mean_se(top1)} | {mean_se(real)} | {paper} |")
     lines += ["", "| comparison (paired over seeds) | top-1 difference (pp) | 95% interval | "
                   "paper | verdict |", "|---|---|---|---|---|"]
     for c in result["comparisons"]:
+        paper = "—" if c["paper"] is None else f"{c['paper']:+.1f}"
         lines.append(f"| {c['better']} vs {c['worse']} | {c['mean']:+.2f} ± {c['se']:.2f} | "
-                     f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | {c['paper']:+.1f} | "
+                     f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | {paper} | "
                      f"{verdict(c)} |")
-    shown = [c for c in result["comparisons"] if c["ci95"][0] > 0]
-    reversed_ = [f"{c['better']} vs {c['worse']}" for c in result["comparisons"]
-                 if c["ci95"][1] < 0]
-    summary = (f"{len(shown)} of the paper's {len(result['comparisons'])} orderings reappear "
-               f"with their 95% interval above 0")
+    papers = [c for c in result["comparisons"] if c["paper"] is not None]
+    shown = [c for c in papers if c["ci95"][0] > 0]
+    reversed_ = [f"{c['better']} vs {c['worse']}" for c in papers if c["ci95"][1] < 0]
+    summary = (f"{len(shown)} of the paper's {len(papers)} orderings reappear "
+               f"with their 95% interval above 0" if s["seeds"] > 1 else
+               "One seed: no standard errors and no paired comparisons")
     if reversed_:
         summary += "; reversed here: " + ", ".join(reversed_)
     if "original + CutMix vs original" in reversed_:
@@ -290,19 +323,36 @@ def render_table(result: Dict[str, Any]) -> str:
                     "image) is at its ceiling on these scenes")
     lines += ["", f"± is one standard error over seeds. {summary}. "
                   f"{target_note(result['targets'])}"]
+    lines += [crops_note(c, result["settings"]) for c in result["comparisons"]
+              if "train_time" in c]
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str, readme: Path = README) -> None:
-    """Replaces the README's ablation table (between its two marker lines) with `table`."""
-    text = readme.read_text(encoding="utf-8")
-    start, end = text.find(README_START), text.find(README_END)
+def crops_note(comparison: Dict[str, Any], settings: Dict[str, Any]) -> str:
+    """Several crops per decoded image against one, in top-1 and training time, in words."""
+    time = comparison["train_time"]
+    low, high = time["percent_ci95"]
+    return (f"\n{comparison['better']} against {comparison['worse']}, the same "
+            f"{settings['epochs']} epochs of steps (an epoch takes a quarter of the images, "
+            f"four crops each): top-1 {comparison['mean']:+.2f} ± {comparison['se']:.2f} pp "
+            f"({verdict(comparison).split(':')[0]}); training time (the steps' wall clock) "
+            f"{time['percent']:.0f}% of one crop's (95% interval {low:.0f}-{high:.0f}%).")
+
+
+def update_docs(table: str, docs: Path = DOCS) -> None:
+    """Replaces the docs' ablation table (between its two marker lines) with `table`."""
+    text = docs.read_text(encoding="utf-8")
+    start, end = text.find(DOCS_START), text.find(DOCS_END)
     if start < 0 or end < start:
-        raise ValueError(f"{readme}: expected the marker lines {README_START!r} and "
-                         f"{README_END!r} around the ablation table")
-    text = text[:start + len(README_START)] + "\n\n" + table + "\n" + text[end:]
-    with atomic_path(readme) as tmp:
+        raise ValueError(f"{docs}: expected the marker lines {DOCS_START!r} and "
+                         f"{DOCS_END!r} around the ablation table")
+    text = text[:start + len(DOCS_START)] + "\n\n" + table + "\n" + text[end:]
+    with atomic_path(docs) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+def paper_label(top1: Optional[float]) -> str:
+    return "\n(not in the paper)" if top1 is None else f"\n(paper {top1:.1f})"
 
 
 def plot(result: Dict[str, Any], path: Path) -> None:
@@ -311,7 +361,7 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     fig, (left, right) = report.subplots(1, 2, figsize=(14, 5.5),
                                          gridspec_kw=dict(width_ratios=[3, 2]))
     means = [result["configs"][n]["val_top1"]["mean"] for n in names]
-    ses = [result["configs"][n]["val_top1"]["se"] for n in names]
+    ses = [result["configs"][n]["val_top1"]["se"] or 0.0 for n in names]
     xs = np.arange(len(names))
     left.bar(xs, means, 0.6, yerr=ses, capsize=4, color="tab:blue",
              label="ours: top-1, mean ± SE over seeds")
@@ -322,25 +372,37 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     left.set_xticks(xs)
     left.set_xticklabels([
         n.replace(" + ", "\n+ ") + ("\n(original's runs)" if not result["configs"][n]["trained"]
-                                    else "") + f"\n(paper {result['configs'][n]['paper_top1']:.1f})"
+                                    else "") + paper_label(result["configs"][n]["paper_top1"])
         for n in names], fontsize=8)
     left.set_ylabel("validation top-1 (%)")
     left.set_title("Top-1 per target; the paper's ResNet-50 ImageNet top-1 under each name",
                    fontsize=10, pad=28)
     left.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, frameon=False)
 
-    comps = result["comparisons"]
+    plot_comparisons(right, result["comparisons"])
+    fig.suptitle(f"ReLabel's factor analysis in miniature: {result['settings']['model']}, "
+                 f"{result['settings']['seeds']} paired seeds", fontsize=11)
+    report.save_figure(fig, path)
+
+
+def plot_comparisons(right, comps: List[Dict[str, Any]]) -> None:
+    """The paired differences with their 95% intervals, the paper's beside them."""
+    if not comps:
+        right.axis("off")
+        right.set_title("One seed: no paired differences", fontsize=10)
+        return
     ys = np.arange(len(comps))[::-1]
     ours = [c["mean"] for c in comps]
     err = [[c["mean"] - c["ci95"][0] for c in comps], [c["ci95"][1] - c["mean"] for c in comps]]
     right.errorbar(ours, ys + 0.12, xerr=err, fmt="o", color="tab:blue", capsize=4,
                    label="ours: paired difference, 95% interval")
-    right.plot([c["paper"] for c in comps], ys - 0.12, "s", color="tab:orange",
+    papers = [(y, c["paper"]) for y, c in zip(ys, comps) if c["paper"] is not None]
+    right.plot([p for _, p in papers], [y - 0.12 for y, _ in papers], "s", color="tab:orange",
                label="paper (ResNet-50, ImageNet)")
     for y, c in zip(ys, comps):
         right.text(c["ci95"][1], y + 0.12, f"  {c['mean']:+.1f}", va="center", fontsize=8)
     right.axvline(0.0, color="grey", lw=0.8)
-    low = min([0.0] + [c["ci95"][0] for c in comps] + [c["paper"] for c in comps])
+    low = min([0.0] + [c["ci95"][0] for c in comps] + [p for _, p in papers])
     high = max(c["ci95"][1] for c in comps)
     right.set_xlim(low - 0.05 * (high - low), high + 0.15 * (high - low))
     right.set_yticks(ys)
@@ -349,16 +411,15 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     right.set_ylim(-0.8, len(comps) - 0.2)
     right.set_title("Paired differences", fontsize=10)
     right.legend(loc="lower center", bbox_to_anchor=(0.5, 1.06), fontsize=8, ncol=1)
-    fig.suptitle(f"ReLabel's factor analysis in miniature: {result['settings']['model']}, "
-                 f"{result['settings']['seeds']} paired seeds", fontsize=11)
-    report.save_figure(fig, path)
 
 
 def train_one(name: str, seed: int, dataset: Any, args: argparse.Namespace) -> Dict[str, float]:
-    """One run of train/run.py (a child process) for configuration `name`; its final
-    validation accuracies."""
+    """One run of train/run.py (a child process) for configuration `name`: its final
+    validation accuracies, the training steps' wall clock (data waits included; evaluation
+    not) summed over epochs, and the whole run's (a child process: start-up included)."""
     mode, extra, _ = CONFIGS[name]
-    output = os.path.join(args.work, f"{name.replace(' + ', '+')}-seed{seed}")
+    folder = re.sub(r"[^\w.+-]+", "_", name.replace(" + ", "+")).strip("_")
+    output = os.path.join(args.work, f"{folder}-seed{seed}")
     os.makedirs(output, exist_ok=True)
     for stale in ("metrics.jsonl", "last.pt", "best.pt"):  # a fresh run each time
         if os.path.exists(os.path.join(output, stale)):
@@ -370,8 +431,11 @@ def train_one(name: str, seed: int, dataset: Any, args: argparse.Namespace) -> D
             "--no-progress", "--device", "cpu", *extra]
     for key, value in RECIPE.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    record = run_training(argv, output).last()
-    return {key: record[key] for key in ("val_top1", "val_top5", "val_real")}
+    run = run_training(argv, output)
+    record = run.last()
+    return dict({key: record[key] for key in ("val_top1", "val_top5", "val_real")},
+                train_seconds=sum(m["steps"] * m["step_ms"] for m in run.metrics) / 1e3,
+                run_seconds=run.seconds)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -379,7 +443,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     (or reads an earlier ablation.json), and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=4, help="paired seeds (default: 4)")
+    parser.add_argument("--seeds", type=int, default=4,
+                        help="paired seeds; 1 trains once, without standard errors or "
+                             "comparisons (default: 4)")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="comma-separated configurations to train (default: all: "
+                             f"{','.join(CONFIGS)})")
     parser.add_argument("--epochs", type=int, default=12, help="epochs per run (default: 12)")
     parser.add_argument("--train-per-class", type=int, default=DATASET["train_per_class"],
                         help=f"training images per class (default: "
@@ -392,8 +461,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     report.add_out_argument(parser, "ablation.json, .png and .md")
     parser.add_argument("--work", default="output/ablation",
                         help="folder of the runs' outputs (default: output/ablation)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="also write the table into README.md")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="also write the table into docs/benchmarks.md")
     parser.add_argument("--from-json", metavar="FILE",
                         help="train nothing: compare and render the runs of an earlier "
                              "ablation.json again (default: train)")
@@ -403,11 +472,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
         result["comparisons"] = compare(result["configs"])
-        write_results(result, Path(args.out), args.update_readme)
+        write_results(result, Path(args.out), args.update_docs)
         return result
-    if args.seeds < 2:
-        parser.error(f"--seeds: expected at least 2 (a standard error needs two), got "
-                     f"{args.seeds}")
+    if args.seeds < 1:
+        parser.error(f"--seeds: expected at least 1, got {args.seeds}")
+    selected = [name.strip() for name in args.configs.split(",") if name.strip()]
+    if not selected or set(selected) - set(CONFIGS):
+        parser.error(f"--configs: choose from {', '.join(CONFIGS)}; got {args.configs!r}")
     if args.epochs < 1:
         parser.error(f"--epochs: expected at least 1, got {args.epochs}")
     start = time.perf_counter()
@@ -423,9 +494,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 100 * premise["cluttered"]["other_class_more"],
                 100 * premise["default"]["other_class_more"])
     targets = target_statistics(dataset.labelmaps)
-    # Identical targets give identical runs: global_single is trained only when they differ.
-    trained = [name for name in CONFIGS
-               if not (name == "global_single" and targets["single_matches_original"] == 1.0)]
+    # Identical targets give identical runs: global_single is trained only when they differ
+    # (or when the original is not trained).
+    trained = [name for name in CONFIGS if name in selected and not (
+        name == "global_single" and targets["single_matches_original"] == 1.0
+        and "original" in selected)]
     runs: List[Dict[str, Any]] = []
     with tqdm(total=args.seeds * len(trained), desc="ablation runs", unit="run") as bar:
         for seed in range(args.seeds):
@@ -436,12 +509,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 bar.update()
     by_config: Dict[str, Dict[str, Any]] = {}
     for name, (mode, extra, paper) in CONFIGS.items():
+        if name not in selected:
+            continue
         source = "original" if name not in trained else name
         mine = sorted((r for r in runs if r["config"] == source), key=lambda r: r["seed"])
         by_config[name] = dict(label_mode=mode, flags=list(extra), paper_top1=paper,
                                trained=name in trained,
                                **{key: summarize([r[key] for r in mine])
-                                  for key in ("val_top1", "val_real", "val_top5")})
+                                  for key in ("val_top1", "val_real", "val_top5",
+                                              "train_seconds")})
     val_images = len(dataset.classes) * args.val_per_class
     result = dict(
         settings=dict(seeds=args.seeds, epochs=args.epochs, **RECIPE,
@@ -449,19 +525,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                       val_images=val_images, dataset={k: list(v) if isinstance(v, tuple)
                                                       else v for k, v in spec.items()}),
         machine=f"{os.cpu_count()} CPU cores", premise=premise,
-        targets=targets, runs=runs, configs=by_config, comparisons=compare(by_config),
+        targets=targets, runs=runs, configs=by_config,
+        comparisons=compare(by_config) if args.seeds > 1 else [],
         minutes=(time.perf_counter() - start) / 60)
-    write_results(result, Path(args.out), args.update_readme)
+    write_results(result, Path(args.out), args.update_docs)
     return result
 
 
-def write_results(result: Dict[str, Any], out: Path, readme: bool) -> None:
-    """ablation.json, .md and .png in `out`, and the README's table when `readme`."""
+def write_results(result: Dict[str, Any], out: Path, docs: bool) -> None:
+    """ablation.json, .md and .png in `out`, and the docs' table when `docs`."""
     report.write_results(out, "ablation", result, lambda path: plot(result, path))
     table = render_table(result)
     (out / "ablation.md").write_text(table)
-    if readme:
-        update_readme(table)
+    if docs:
+        update_docs(table)
     logger.info("\n%s\nwrote %s, %s and %s", table, out / "ablation.json",
                 out / "ablation.png", out / "ablation.md")
 

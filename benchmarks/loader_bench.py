@@ -24,6 +24,10 @@ same JPEG files, with the same number of CPU threads / DataLoader workers W = T:
   (d) bare decode     a DALI pipeline that only reads and decodes the JPEGs (no crop, no
                       resize) on the same T threads; for reference also PIL decoding
                       (Image.open(path).convert("RGB")) in a DataLoader with W workers
+  (e) several crops   ReLabelLoader with num_crops = 2 and 4: each decoded image gives N
+                      crops, each with its own window, flip and target (repeated
+                      augmentation); training samples per second against (b) and (a), the
+                      ratios taken round by round (each round times every method once)
 
 The official transform list also has ColorJitter and a PCA lighting noise; no loader here
 applies them, so both are left out, which only favours (a). The official code hands roi_align
@@ -49,8 +53,16 @@ several percent between them, more than ReLabel's cost. So (b) and (c) are then 
 side and, after an untimed epoch each, take turns in short segments (--segment-batches timed
 batches, about a second): each pair of adjacent segments gives one ratio of (c) to (b), and
 ReLabel's cost is the geometric mean of --pairs such ratios, with a 95% interval. It also
-records how long the epoch plan takes for ImageNet's 1,281,167 images. Writes JSON and a PNG
-to benchmarks/results/.
+records how long the epoch plan takes for ImageNet's 1,281,167 images.
+
+The epoch boundary: ReLabelLoader builds the next epoch's pipeline on a background thread a
+few batches before an epoch ends. Over --boundary-epochs epochs (after the first, which warms
+up) every batch's wait is timed (the loop does nothing else, so the loader sets the pace);
+around each boundary (the last BOUNDARY_BEFORE batches of an epoch and the first
+BOUNDARY_AFTER of the next) the longest wait is compared with the median wait; the goal is
+at most BOUNDARY_GOAL times the median. The plain DALI graph, whose reader wraps around
+without a new pipeline, is measured the same way for reference. Writes JSON and a PNG to
+benchmarks/results/.
 
     python benchmarks/loader_bench.py [--device cuda|cpu] [--threads T] [--images N]
 """
@@ -81,14 +93,22 @@ from harness.timing import (device_sync, endless, interference, median_ms, time_
 
 logger = logging.getLogger("loader_bench")
 
-METHODS = ("official", "plain_dali", "relabel_loader", "dali_decode", "pil_decode")
+METHODS = ("official", "plain_dali", "relabel_loader", "dali_decode", "pil_decode",
+           "relabel_crops2", "relabel_crops4")
 METHOD_NAMES = {
     "official": "(a) official: PIL + .pt files + dense roi_align",
     "plain_dali": "(b) plain DALI graph, images only",
     "relabel_loader": "(c) ReLabelLoader: DALI + LabelPooling",
     "dali_decode": "(d) DALI bare decode",
     "pil_decode": "(d') PIL bare decode, DataLoader",
+    "relabel_crops2": "(e) ReLabelLoader, num_crops=2",
+    "relabel_crops4": "(e') ReLabelLoader, num_crops=4",
 }
+# ReLabelLoader's methods by crops per decoded image.
+CROPS = {1: "relabel_loader", 2: "relabel_crops2", 4: "relabel_crops4"}
+# The epoch boundary: batches before and after it that count, and the goal (longest wait at
+# a boundary against the median wait).
+BOUNDARY_BEFORE, BOUNDARY_AFTER, BOUNDARY_GOAL = 3, 2, 2.0
 IMAGENET_TRAIN_IMAGES = 1_281_167
 SPREAD_WARNING_PERCENT = 15.0
 # The paired comparison: ReLabel's cost is measured against this loader.
@@ -132,9 +152,11 @@ def open_method(name: str, data: Dict, args, device: torch.device) -> Tuple[obje
         loader = official_loader(data["image_root"], data["relabel_root"], args.batch_size,
                                  args.threads, device)
         return loader, official_batches(loader, device)
-    if name == "relabel_loader":
+    if name == "relabel_loader" or name.startswith("relabel_crops"):
+        crops = int(name[len("relabel_crops"):]) if name.startswith("relabel_crops") else 1
         loader = ReLabelLoader(data["image_root"], data["store"], args.batch_size,
-                               device=str(device), num_threads=args.threads, seed=args.seed)
+                               device=str(device), num_threads=args.threads, seed=args.seed,
+                               num_crops=crops)
         return loader, endless(loader)
     if name == "plain_dali":
         loader = plain_dali.plain_dali_loader(files, device, args.batch_size, args.threads,
@@ -240,6 +262,77 @@ def paired_segments(data: Dict, args, device: torch.device) -> Dict:
                 median_other_cpu_percent=statistics.median(other))
 
 
+def crops_summary(rows: Dict[str, Dict]) -> Dict:
+    """Training samples per second of ReLabelLoader by num_crops (median round) and their
+    ratios to the plain DALI graph and the official pipeline, each the median over rounds of
+    the ratio within a round."""
+    summary = {}
+    for crops, name in CROPS.items():
+        if name not in rows:
+            continue
+        mine = rows[name]["rounds_images_per_s"]
+        entry = dict(method=name, samples_per_s=rows[name]["images_per_s"])
+        for base, key in (("plain_dali", "percent_of_plain"), ("official", "percent_of_official")):
+            if base in rows:
+                entry[key] = 100 * statistics.median(
+                    a / b for a, b in zip(mine, rows[base]["rounds_images_per_s"]))
+        summary[str(crops)] = entry
+    return summary
+
+
+def boundary_waits(batches: Iterator, per_epoch: int, epochs: int,
+                   sync) -> List[List[float]]:
+    """Milliseconds each batch of `epochs` epochs took to arrive (waited on the device), the
+    wait before an epoch's first batch included (the end of the last one, the new start)."""
+    waits: List[List[float]] = []
+    start = time.perf_counter()
+    for _ in range(epochs):
+        mine = []
+        for _ in range(per_epoch):
+            next(batches)
+            sync()
+            now = time.perf_counter()
+            mine.append((now - start) * 1e3)
+            start = now
+        waits.append(mine)
+    return waits
+
+
+def boundary_summary(waits: List[List[float]]) -> Dict:
+    """Around each boundary after the first epoch the longest wait, against the median wait
+    of every batch after the first epoch."""
+    steady = [w for epoch in waits[1:] for w in epoch]
+    median = statistics.median(steady)
+    boundaries = []
+    for epoch in range(1, len(waits)):
+        window = waits[epoch - 1][-BOUNDARY_BEFORE:] + waits[epoch][:BOUNDARY_AFTER]
+        boundaries.append(dict(epoch=epoch, max_wait_ms=max(window),
+                               first_batch_ms=waits[epoch][0]))
+    longest = max(b["max_wait_ms"] for b in boundaries)
+    return dict(epochs=len(waits), batches_per_epoch=len(waits[0]), median_wait_ms=median,
+                max_boundary_wait_ms=longest, ratio_to_median=longest / median,
+                goal_ratio=BOUNDARY_GOAL, goal_met=longest <= BOUNDARY_GOAL * median,
+                boundaries=boundaries, waits_ms=waits)
+
+
+def epoch_boundary(data: Dict, args, device: torch.device,
+                   methods: Sequence[str] = ("relabel_loader", "plain_dali")) -> Dict:
+    """boundary_summary of each method over --boundary-epochs epochs (each method alone)."""
+    sync = device_sync(device)
+    result = {}
+    for name in methods:
+        loader, batches = open_method(name, data, args, device)
+        try:
+            per_epoch = len(loader)
+            result[name] = boundary_summary(
+                boundary_waits(batches, per_epoch, args.boundary_epochs, sync))
+        finally:
+            batches.close()
+            del batches, loader
+            gc.collect()
+    return result
+
+
 def official_targets_ms(data: Dict, args, device: torch.device) -> float:
     """Diagnostic: main-process milliseconds of the official target code for one batch."""
     sync = device_sync(device)
@@ -277,13 +370,22 @@ def summary_line(summary: Dict) -> str:
             "the official pipeline (median rounds)")
 
 
+def boundary_line(row: Dict) -> str:
+    """The epoch boundary, in words."""
+    return (f"epoch boundary over {row['epochs'] - 1} boundaries: longest wait "
+            f"{row['max_boundary_wait_ms']:.1f} ms against a median of "
+            f"{row['median_wait_ms']:.1f} ms ({row['ratio_to_median']:.2f}x; goal <= "
+            f"{row['goal_ratio']:.0f}x: {'met' if row['goal_met'] else 'NOT met'})")
+
+
 def plot(result: Dict, path: Path) -> None:
     methods = result["methods"]
-    names = list(METHODS)
+    names = [n for n in METHODS if n not in CROPS.values() or n == "relabel_loader"]
     rates = [methods[n]["images_per_s"] for n in names]
     colors = ["tab:red", "tab:purple", "tab:green", "tab:blue", "tab:gray"]
     pairs = result["paired_segments"]
-    fig, axes = report.subplots(1, 2, figsize=(16, 6), gridspec_kw=dict(width_ratios=[3, 2]))
+    fig, axes = report.subplots(2, 2, figsize=(16, 12), gridspec_kw=dict(width_ratios=[3, 2]))
+    axes = axes.ravel()
     ax = axes[0]
     bars = ax.bar(range(len(names)), rates, color=colors)
     for bar, rate in zip(bars, rates):
@@ -327,7 +429,60 @@ def plot(result: Dict, path: Path) -> None:
     ax.set_ylabel("ReLabelLoader, % of the plain DALI graph's images/s")
     ax.set_title("ReLabelLoader against the plain DALI graph, interleaved", fontsize=11)
     ax.legend(loc="lower right", fontsize=9)
+    plot_crops(axes[2], result)
+    plot_boundary(axes[3], result["epoch_boundary"])
     report.save_figure(fig, path)
+
+
+def plot_crops(ax, result: Dict) -> None:
+    """Training samples/s of ReLabelLoader by num_crops beside the plain graph and the
+    official pipeline, with the ratios measured round by round."""
+    methods, crops = result["methods"], result["summary"]["crops"]
+    names = ["official", "plain_dali"] + [crops[n]["method"] for n in sorted(crops, key=int)]
+    rates = [methods[n]["images_per_s"] for n in names]
+    bars = ax.bar(range(len(names)), rates,
+                  color=["tab:red", "tab:purple"] + ["tab:green"] * len(crops))
+    for bar, name in zip(bars, names):
+        entry = next((e for e in crops.values() if e["method"] == name), None)
+        text = f"{bar.get_height():.0f}" + (f"\n{entry['percent_of_plain']:.0f}% of plain"
+                                            if entry and "percent_of_plain" in entry else "")
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), text, ha="center",
+                va="bottom", fontsize=9)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(["(a) official", "(b) plain DALI"]
+                       + [f"ReLabelLoader\nnum_crops={n}" for n in sorted(crops, key=int)],
+                       fontsize=9)
+    ax.set_ylim(0, 1.3 * max(rates))
+    ax.set_ylabel("training samples / s (median round)")
+    ax.set_title("Several crops per decoded image (ratios within each round)", fontsize=11)
+
+
+def plot_boundary(ax, boundary: Optional[Dict]) -> None:
+    """Every batch's wait over the epochs, the boundaries marked, against the median."""
+    if boundary is None:
+        ax.axis("off")
+        ax.set_title("Epoch boundaries: not measured (--boundary-epochs 0)", fontsize=11)
+        return
+    styles = {"relabel_loader": ("tab:green", "ReLabelLoader"),
+              "plain_dali": ("tab:purple", "plain DALI graph")}
+    for name, row in boundary.items():
+        color, label = styles[name]
+        waits = [w for epoch in row["waits_ms"] for w in epoch]
+        ax.plot(np.arange(len(waits)), waits, ".-", color=color, markersize=3, linewidth=0.6,
+                label=f"{label}: median {row['median_wait_ms']:.1f} ms, longest at a boundary "
+                      f"{row['max_boundary_wait_ms']:.1f} ms ({row['ratio_to_median']:.2f}x)")
+    row = boundary["relabel_loader"]
+    per_epoch = row["batches_per_epoch"]
+    for epoch in range(1, row["epochs"]):
+        ax.axvline(epoch * per_epoch - 0.5, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(row["goal_ratio"] * row["median_wait_ms"], color="tab:green", linestyle="--",
+               linewidth=1, label=f"goal: {row['goal_ratio']:.0f}x ReLabelLoader's median")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (dotted: epoch boundaries; the first epoch warms up)")
+    ax.set_ylabel("wait for the batch (ms, log)")
+    ax.set_title("Waits at epoch boundaries (the next epoch's pipeline starts ahead)",
+                 fontsize=11)
+    ax.legend(loc="best", fontsize=8)
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -359,6 +514,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--segment-batches", type=int, default=18,
                         help="timed batches per segment, after the 2 its loader prefetched "
                              "while the other one ran (default: 18, about a second)")
+    parser.add_argument("--boundary-epochs", type=int, default=5,
+                        help="epochs over which the waits at epoch boundaries are timed (the "
+                             "first warms up); 0: none (default: 5)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset to run (default: {','.join(METHODS)})")
     parser.add_argument("--source", choices=("photos", "synthetic"), default="photos",
@@ -389,9 +547,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
     if min(args.threads, args.batch_size, args.rounds, args.segment_batches) < 1 or min(
-            args.retries, args.pairs) < 0 or args.pairs == 1:
+            args.retries, args.pairs) < 0 or args.pairs == 1 or args.boundary_epochs in (1, 2) \
+            or args.boundary_epochs < 0:
         parser.error("--threads, --batch-size, --rounds and --segment-batches must be >= 1, "
-                     "--retries >= 0, --pairs 0 or >= 2")
+                     "--retries >= 0, --pairs 0 or >= 2, --boundary-epochs 0 or >= 3")
+    crops = [crops for crops, name in CROPS.items() if name in methods]
+    if any(args.batch_size % n for n in crops):
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of num_crops "
+                     f"{crops} (the crops of an image sit in one batch)")
     per_epoch = args.images // args.batch_size
     if args.warmup is None:
         args.warmup = per_epoch + max(2, args.threads)
@@ -469,6 +632,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     summary: Dict = dict(plan_ms_imagenet=plan_ms(args.seed))
     rate = {name: row["images_per_s"] for name, row in rows.items()}
     pairs = paired_segments(data, args, device) if paired else None
+    crops = crops_summary(rows)
+    if crops:
+        summary["crops"] = crops
+    boundary = None
+    if args.boundary_epochs and "relabel_loader" in methods:
+        boundary = epoch_boundary(data, args, device, [name for name in ("relabel_loader",
+                                                                         "plain_dali")
+                                                       if name in methods])
+        relabel = boundary["relabel_loader"]
+        summary.update(boundary_ratio_to_median=relabel["ratio_to_median"],
+                       boundary_goal_met=relabel["goal_met"])
     if pairs is not None:
         summary.update(percent_of_plain=pairs["percent_of_plain"],
                        percent_of_plain_ci95=pairs["percent_of_plain_ci95"],
@@ -497,6 +671,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                      generation=manifest["params"]),
         methods=rows,
         paired_segments=pairs,
+        epoch_boundary=boundary,
         summary=summary,
     )
     complete = set(METHODS) <= rows.keys() and pairs is not None
@@ -521,6 +696,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                     if "relabel_loader" in rows else "")
     if {"percent_of_plain", "ratio_vs_official"} <= summary.keys():
         logger.info(summary_line(summary))
+    for crops, entry in summary.get("crops", {}).items():
+        logger.info("num_crops=%s: %.0f training samples/s%s%s", crops, entry["samples_per_s"],
+                    f", {entry['percent_of_plain']:.1f}% of the plain DALI graph"
+                    if "percent_of_plain" in entry else "",
+                    f", {entry['percent_of_official'] / 100:.2f}x the official pipeline"
+                    if "percent_of_official" in entry else "")
+    if boundary is not None:
+        logger.info(boundary_line(boundary["relabel_loader"]))
     logger.info("planning one epoch of ImageNet (%d images) on one rank: %.0f ms",
                 IMAGENET_TRAIN_IMAGES, summary["plan_ms_imagenet"])
     logger.info("wrote %s%s", json_path, f" and {png_path}" if png_path else "")

@@ -1,5 +1,5 @@
 """benchmarks/ablation.py: the crop statistics against a pixel-level count, the paired
-statistics against numpy, the README table, and a tiny end-to-end run."""
+statistics against numpy, the table in docs/benchmarks.md, and a tiny end-to-end run."""
 import json
 import math
 
@@ -132,15 +132,15 @@ def test_target_statistics_count_with_the_loaders_pooling(tmp_path):
         expected)
 
 
-def test_update_readme_replaces_only_the_marked_table(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{ablation.README_START}\nold\n{ablation.README_END}\nafter\n")
-    ablation.update_readme("| new |\n", readme)
-    assert readme.read_text() == (f"intro\n{ablation.README_START}\n\n| new |\n\n"
-                                  f"{ablation.README_END}\nafter\n")
-    readme.write_text("no markers\n")
+def test_update_docs_replaces_only_the_marked_table(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"intro\n{ablation.DOCS_START}\nold\n{ablation.DOCS_END}\nafter\n")
+    ablation.update_docs("| new |\n", docs)
+    assert docs.read_text() == (f"intro\n{ablation.DOCS_START}\n\n| new |\n\n"
+                                f"{ablation.DOCS_END}\nafter\n")
+    docs.write_text("no markers\n")
     with pytest.raises(ValueError, match="marker"):
-        ablation.update_readme("| new |\n", readme)
+        ablation.update_docs("| new |\n", docs)
 
 
 def check_figures_come_from_the_runs(result):
@@ -155,8 +155,10 @@ def check_figures_come_from_the_runs(result):
         for key in ("val_top1", "val_real", "val_top5"):
             assert row[key]["values"] == [r[key] for r in runs]
             assert row[key]["mean"] == pytest.approx(np.mean(row[key]["values"]))
-    assert [(c["better"], c["worse"]) for c in result["comparisons"]] == list(
-        ablation.COMPARISONS)
+    configs = result["configs"]
+    expected = [pair for pair in ablation.COMPARISONS + ablation.CROPS_COMPARISONS
+                if set(pair) <= configs.keys()] if seeds > 1 else []
+    assert [(c["better"], c["worse"]) for c in result["comparisons"]] == expected
     for c in result["comparisons"]:
         better = result["configs"][c["better"]]["val_top1"]["values"]
         worse = result["configs"][c["worse"]]["val_top1"]["values"]
@@ -164,12 +166,12 @@ def check_figures_come_from_the_runs(result):
         assert c["beyond_two_se"] == (c["mean"] > 2 * c["se"])
 
 
-def test_the_readme_table_is_the_one_the_committed_results_give():
+def test_the_docs_table_is_the_one_the_committed_results_give():
     result = json.loads((ablation.RESULTS / "ablation.json").read_text())
     check_figures_come_from_the_runs(result)
-    readme = ablation.README.read_text(encoding="utf-8")
-    start = readme.index(ablation.README_START) + len(ablation.README_START)
-    assert readme[start:readme.index(ablation.README_END)].strip() == \
+    docs = ablation.DOCS.read_text(encoding="utf-8")
+    start = docs.index(ablation.DOCS_START) + len(ablation.DOCS_START)
+    assert docs[start:docs.index(ablation.DOCS_END)].strip() == \
         ablation.render_table(result).strip()
 
 
@@ -182,17 +184,68 @@ def test_from_json_renders_the_committed_runs_again(tmp_path):
 
 
 def test_a_tiny_ablation_runs_end_to_end(tmp_path, monkeypatch):
+    """Two configurations, one seed: every training run is a child process (train/run.py, as
+    from the command line), which costs seconds of start-up each; --configs keeps the test
+    to two (the comparisons are checked on made-up runs below)."""
     monkeypatch.setenv("DALI_RELABEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ablation, "RECIPE", dict(ablation.RECIPE, batch_size=8))
-    result = ablation.main(["--seeds", "2", "--epochs", "1", "--train-per-class", "2",
+    configs = ["original", "localized_multi (4 crops)"]
+    result = ablation.main(["--seeds", "1", "--epochs", "1", "--train-per-class", "2",
                             "--val-per-class", "2", "--data", str(tmp_path / "data"),
+                            "--configs", ",".join(configs),
                             "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     written = json.loads((tmp_path / "out" / "ablation.json").read_text())
     assert written == json.loads(json.dumps(result))
     assert (tmp_path / "out" / "ablation.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "ablation.md").read_text() == ablation.render_table(written)
-    trained = [name for name, row in written["configs"].items() if row["trained"]]
-    assert len(written["runs"]) == 2 * len(trained)
+    assert list(written["configs"]) == configs and written["comparisons"] == []
+    assert [r["config"] for r in written["runs"]] == configs
+    assert all(r["train_seconds"] > 0 and r["run_seconds"] > r["train_seconds"]
+               for r in written["runs"])
+    assert written["configs"]["localized_multi (4 crops)"]["flags"] == ["--num-crops", "4"]
     check_figures_come_from_the_runs(written)
+    assert "One seed: no standard errors" in ablation.render_table(written)
     premise = written["premise"]["cluttered"]
     assert 0 < premise["other_class_more"] < 1 and premise["crops"] == 4 * 10 * 2
+
+
+def test_four_crops_are_compared_in_top1_and_training_time():
+    """The crops row against localized_multi: a paired top-1 difference without a paper
+    figure, and the paired ratio of training times; the paper's orderings are counted
+    without it."""
+    seeds = 3
+    top1 = {"original": [80.0, 81.0, 79.0], "localized_multi": [82.0, 83.5, 81.0],
+            "localized_multi (4 crops)": [83.0, 84.0, 82.5]}
+    seconds = {"original": [10.0, 11.0, 10.5], "localized_multi": [10.0, 11.0, 10.5],
+               "localized_multi (4 crops)": [8.0, 8.8, 8.4]}
+    runs = [dict(config=name, seed=seed, val_top1=top1[name][seed], val_top5=99.0,
+                 val_real=99.5, train_seconds=seconds[name][seed], run_seconds=20.0)
+            for name in top1 for seed in range(seeds)]
+    configs = {name: dict(label_mode=ablation.CONFIGS[name][0],
+                          flags=list(ablation.CONFIGS[name][1]),
+                          paper_top1=ablation.CONFIGS[name][2], trained=True,
+                          **{key: ablation.summarize([r[key] for r in runs if r["config"] == name])
+                             for key in ("val_top1", "val_real", "val_top5", "train_seconds")})
+               for name in top1}
+    comparisons = ablation.compare(configs)
+    assert [(c["better"], c["worse"]) for c in comparisons] == [
+        ("localized_multi", "original"), ("localized_multi (4 crops)", "localized_multi")]
+    crops = comparisons[1]
+    assert crops["paper"] is None and crops["mean"] == pytest.approx(1.0)
+    ratios = np.divide(seconds["localized_multi (4 crops)"], seconds["localized_multi"])
+    assert crops["train_time"]["percent"] == pytest.approx(
+        100 * np.exp(np.log(ratios).mean()))
+    result = dict(settings=dict(ablation.RECIPE, seeds=seeds, epochs=2, train_images=20,
+                                val_images=20),
+                  premise=dict(cluttered=dict(less_than_half=0.5, other_class_more=0.4),
+                               default=dict(less_than_half=0.3, other_class_more=0.2)),
+                  targets=dict(single_matches_original=1.0, global_multi_label_weight=0.4,
+                               localized_multi_top_weight=0.6),
+                  minutes=1.0, machine="2 CPU cores", runs=runs, configs=configs,
+                  comparisons=comparisons)
+    check_figures_come_from_the_runs(result)
+    table = ablation.render_table(result)
+    assert "| localized_multi (4 crops) | 83.2 ± 0.4 | 99.5 ± 0.0 | — |" in table
+    assert "| localized_multi (4 crops) vs localized_multi | +1.00 ±" in table
+    assert "1 of the paper's 1 orderings reappear" in table
+    assert f"training time (the steps' wall clock) {crops['train_time']['percent']:.0f}%" in table

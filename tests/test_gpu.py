@@ -61,6 +61,23 @@ KERNEL = textwrap.dedent("""
     check(values, indices, boxes, 21843, (1, 3))
 """)
 
+GRID = textwrap.dedent("""
+    import torch
+    from dali_relabel import label_pooling, reference_label_pooling
+    from dali_relabel.ops import testing
+
+    # Every launch the project makes (dali_relabel.ops.testing), compiled by Triton's JIT for
+    # this GPU, against the reference on the same device; reruns bit-identical.
+    failures = []
+    for name, kwargs in testing.launches("cuda"):
+        runs = [label_pooling(**kwargs, check_inputs=False) for _ in range(2)]
+        want = reference_label_pooling(**kwargs, check_inputs=False)
+        diff = float((runs[0] - want).abs().max())
+        if not diff <= 1e-5 or not torch.equal(runs[0], runs[1]):
+            failures.append((name, diff))
+    assert not failures, failures[:20]
+""")
+
 LOADER = textwrap.dedent("""
     import sys
     import torch
@@ -101,6 +118,10 @@ def run_without_interpreter(code: str, *args: str) -> None:
 
 def test_compiled_triton_kernel_matches_reference():
     run_without_interpreter(KERNEL, os.path.dirname(__file__))
+
+
+def test_every_launch_of_the_grid_matches_reference():
+    run_without_interpreter(GRID)
 
 
 def test_loaders_on_cuda(dataset):  # noqa: F811

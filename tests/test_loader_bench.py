@@ -20,7 +20,7 @@ def bench_run(tmp_path_factory):
         "--source", "synthetic", "--images", "24", "--batch-size", "4", "--batches", "2",
         "--warmup", "1", "--threads", "2", "--device", "cpu", "--rounds", "1",
         "--wait-idle", "0", "--max-other-cpu", "100", "--pairs", "3", "--segment-batches", "1",
-        "--cache", str(cache), "--out", str(out)])
+        "--boundary-epochs", "3", "--cache", str(cache), "--out", str(out)])
     return result, cache, out
 
 
@@ -49,6 +49,45 @@ def test_writes_positive_rates_for_every_method(bench_run):
     assert summary["plan_ms_imagenet"] > 0
     assert saved["machine"]["cpu_count"] >= 1
     assert result["methods"].keys() == saved["methods"].keys()
+
+
+def test_several_crops_against_the_plain_graph_in_the_same_rounds(bench_run):
+    _, _, out = bench_run
+    saved = json.loads((out / "loader_bench.json").read_text())
+    crops, methods = saved["summary"]["crops"], saved["methods"]
+    assert list(crops) == ["1", "2", "4"]
+    for n, entry in crops.items():
+        assert entry["method"] == loader_bench.CROPS[int(n)]
+        mine = methods[entry["method"]]
+        assert entry["samples_per_s"] == mine["images_per_s"] > 0
+        # One round: the ratio is that round's.
+        assert entry["percent_of_plain"] == pytest.approx(
+            100 * mine["rounds_images_per_s"][0] / methods["plain_dali"]["rounds_images_per_s"][0])
+        assert entry["percent_of_official"] > 0
+
+
+def test_epoch_boundary_waits_against_the_median(bench_run):
+    _, _, out = bench_run
+    saved = json.loads((out / "loader_bench.json").read_text())
+    for name in ("relabel_loader", "plain_dali"):
+        row = saved["epoch_boundary"][name]
+        waits = row["waits_ms"]
+        assert row["epochs"] == len(waits) == 3 and row["batches_per_epoch"] == 24 // 4
+        assert all(len(epoch) == 6 and min(epoch) > 0 for epoch in waits)
+        assert row["median_wait_ms"] == pytest.approx(np.median(waits[1:]))
+        assert [b["epoch"] for b in row["boundaries"]] == [1, 2]
+        for b in row["boundaries"]:
+            window = waits[b["epoch"] - 1][-3:] + waits[b["epoch"]][:2]
+            assert b["max_wait_ms"] == max(window)
+        assert row["max_boundary_wait_ms"] == max(b["max_wait_ms"] for b in row["boundaries"])
+        assert row["ratio_to_median"] == pytest.approx(
+            row["max_boundary_wait_ms"] / row["median_wait_ms"])
+        assert row["goal_met"] == (row["ratio_to_median"] <= 2.0)
+    summary = saved["summary"]
+    assert summary["boundary_ratio_to_median"] == \
+        saved["epoch_boundary"]["relabel_loader"]["ratio_to_median"]
+    assert "epoch boundary over 2 boundaries" in loader_bench.boundary_line(
+        saved["epoch_boundary"]["relabel_loader"])
 
 
 def test_reuses_the_cache(bench_run):

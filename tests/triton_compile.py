@@ -11,7 +11,6 @@ failure with its error, and what the PTX and the cubin of the S = 1 and S = 14 k
 import argparse
 import contextlib
 import io
-import itertools
 import json
 import os
 import re
@@ -30,20 +29,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 from dali_relabel.ops.kernels import label_pooling_triton as launcher_module  # noqa: E402
+# The launches the project makes (dali_relabel.ops.testing: the grid, real random inputs).
+from dali_relabel.ops.testing import launches  # noqa: E402
 
-MODES = tuple(launcher_module.MODES)
-# The launches the project can make: the issue's grid (every output size the loader, the
-# trainer, CutMix and token labeling use, each mode, class counts from 1 to ImageNet-21k,
-# each map side at 1, with and without the fused gather and the flip, batch sizes that do
-# and do not divide by 16), on the store's dtypes (float16 values, int16 classes).
-OUTPUT_SIZES = (1, 2, 3, 5, 14)
-NUM_CLASSES = (1, 1000, 21843)
-MAP_SHAPES = ((5, 15, 15), (1, 15, 15), (5, 1, 15), (5, 15, 1), (1, 1, 1))
-BATCH_SIZES = (16, 7)
-# Every dtype label_pooling accepts, on the paper's map shape (int32 classes are what a
-# store with more than 32767 classes holds).
-VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 # Shared memory per block of each target (the opt-in maximum), for Triton's resource check.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
@@ -102,37 +90,6 @@ class CompileOnlyDriver:
 
     def map_python_to_cpp_type(self, ty):
         raise NotImplementedError("the compile-only driver builds no launcher")
-
-
-def launches():
-    """Every (name, arguments of label_pooling_triton) of the grid."""
-    for size, mode, classes, (k, h, w), gather, flip, batch in itertools.product(
-            OUTPUT_SIZES, MODES, NUM_CLASSES, MAP_SHAPES, (False, True), (False, True),
-            BATCH_SIZES):
-        yield (f"S={size} {mode} C={classes} K,H,W={k},{h},{w} gather={gather} flip={flip} "
-               f"B={batch}", _arguments(batch, k, h, w, classes, size, mode, gather, flip))
-    for size, mode, values, indices in itertools.product(
-            (1, 14), MODES, VALUE_DTYPES, INDEX_DTYPES):
-        yield (f"S={size} {mode} values={values} indices={indices}",
-               _arguments(16, 5, 15, 15, 1000, size, mode, True, True, values, indices))
-    for size in OUTPUT_SIZES:
-        # Views that start off a 16-byte boundary (a store's rows, a batch's slice).
-        args = _arguments(9, 5, 15, 15, 1000, size, "softmax", True, True)
-        args["values"], args["indices"] = args["values"][1:], args["indices"][1:]
-        args["sample_index"] = args["sample_index"][1:] - 1
-        args["flip"], args["boxes"] = args["flip"][1:], args["boxes"][1:]
-        yield f"S={size} softmax, views off 16-byte boundaries", args
-
-
-def _arguments(batch, k, h, w, classes, size, mode, gather, flip,
-               values_dtype=torch.float16, indices_dtype=torch.int16):
-    rows = batch + 2 if gather else batch
-    return dict(values=torch.zeros(rows, k, h, w, dtype=values_dtype),
-                indices=torch.zeros(rows, k, h, w, dtype=indices_dtype),
-                boxes=torch.tensor([[0.1, 0.2, 0.7, 0.9]]).repeat(batch, 1),
-                sample_index=torch.arange(batch) + 1 if gather else None,
-                flip=torch.ones(batch, dtype=torch.bool) if flip else None,
-                num_classes=classes, output_size=size, mode=mode)
 
 
 def _instructions(ptx: str) -> set:

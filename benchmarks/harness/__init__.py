@@ -9,6 +9,8 @@
 - ``plain_dali``: the DALI graphs a user writes without ReLabel
 - ``jpegs``: the ImageNet-like JPEG set with its label maps, cached
 - ``training``: a run of train/run.py
+- ``train_step``: training steps on device tensors without DALI (gpu_check): a store of
+  random maps, a timm model's step, CUDA-event timing, host-sync counting, a DDP run
 
 The modules that import DALI or torchvision (``official``, ``plain_dali``, ``jpegs``) are
 imported by name, not here.

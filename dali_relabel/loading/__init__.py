@@ -7,13 +7,15 @@ and mixed (``mixing.py``); ``train_loader.py`` ties them together. The loaders l
 first use; the rest needs only torch. docs/training.md explains them.
 """
 from dali_relabel.loading.common import resolve_device
-from dali_relabel.loading.mixing import MIXUP_MODES, smooth_targets
+from dali_relabel.loading.mixing import MIXUP_MODES, Mixer, Mixing, smooth_targets
 from dali_relabel.loading.plan import EpochPlan, EpochPlanner, random_resized_crop_windows
-from dali_relabel.loading.targets import LABEL_MODES
+from dali_relabel.loading.targets import LABEL_MODES, TargetMaker
 
-__all__ = ["LABEL_MODES", "MIXUP_MODES", "EpochPlan", "EpochPlanner", "ReLabelBatch",
-           "ReLabelLoader", "ValLoader", "random_resized_crop_windows", "resolve_device",
-           "smooth_targets"]
+# The loader's parts (planner, targets, mixing) are public for pipelines of one's own and for
+# the DALI-free checks of benchmarks/gpu_check.py.
+__all__ = ["LABEL_MODES", "MIXUP_MODES", "EpochPlan", "EpochPlanner", "Mixer", "Mixing",
+           "ReLabelBatch", "ReLabelLoader", "TargetMaker", "ValLoader",
+           "random_resized_crop_windows", "resolve_device", "smooth_targets"]
 
 
 def __getattr__(name: str):

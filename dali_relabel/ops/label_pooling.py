@@ -15,6 +15,7 @@ with output size S is ``roi_align(D, [b, x1*W-0.5, y1*H-0.5, x2*W-0.5, y2*H-0.5]
 spatial_scale=1, sampling_ratio=-1, aligned=False)`` on the densified map D (a class listed
 twice in a cell counts twice), then the mode's epilogue over all C classes.
 """
+import warnings
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -181,7 +182,8 @@ def label_pooling(
     ``torchvision.ops.roi_align(D, [b, x1*W-0.5, y1*H-0.5, x2*W-0.5, y2*H-0.5],
     output_size=(S, S), spatial_scale=1, sampling_ratio=-1, aligned=False)``, followed by the
     mode's epilogue over all C classes (classes outside the top-k count as 0). Runs on the
-    device of its inputs: Triton on CUDA, a compiled kernel on CPU.
+    device of its inputs: Triton on CUDA, a compiled kernel on CPU (where that kernel was not
+    built, the dense reference, with a one-time warning).
 
     Args:
         values (Tensor[N, K, H, W]): top-k label-map values (annotator logits), float16,
@@ -274,16 +276,38 @@ def _label_pooling_op(values: Tensor, indices: Tensor, boxes: Tensor,
                            output_size, mode)
 
 
+# The compiled CPU kernel, once imported; False when it is missing (a source tree without a
+# build step), in which case the CPU path falls back to the dense reference.
+_CPU_EXTENSION = None
+CPU_KERNEL_MISSING = (
+    "the compiled LabelPooling CPU kernel (dali_relabel.ops.kernels._label_pooling_cpu) is "
+    "missing: label_pooling on CPU tensors falls back to the dense reference (densify + "
+    "torchvision roi_align), which gives the same targets but is slower and needs "
+    "B*C*H*W floats of memory; build the kernel with `pip install --no-build-isolation -e .` "
+    "in the source tree (or `make venv`)")
+
+
+def _cpu_extension():
+    """The compiled CPU kernel's module, or None (with a one-time warning) when missing."""
+    global _CPU_EXTENSION
+    if _CPU_EXTENSION is None:
+        try:
+            from dali_relabel.ops.kernels import _label_pooling_cpu as extension
+        except ImportError:
+            warnings.warn(CPU_KERNEL_MISSING, RuntimeWarning, stacklevel=3)
+            extension = False
+        _CPU_EXTENSION = extension
+    return _CPU_EXTENSION or None
+
+
 @_label_pooling_op.register_kernel("cpu")
 def _label_pooling_cpu(values: Tensor, indices: Tensor, boxes: Tensor,
                        sample_index: Optional[Tensor], flip: Optional[Tensor], num_classes: int,
                        output_size: int, mode: str) -> Tensor:
-    try:
-        from dali_relabel.ops.kernels import _label_pooling_cpu as extension
-    except ImportError as error:
-        raise ImportError(
-            "the compiled LabelPooling CPU kernel is missing; reinstall dali-relabel from "
-            "source with `pip install --no-build-isolation -e .` (or run `make test`)") from error
+    extension = _cpu_extension()
+    if extension is None:
+        return _reference_pool(values, indices, boxes, sample_index, flip, num_classes,
+                               output_size, mode)
     return extension.label_pooling_forward(values, indices, boxes, sample_index, flip,
                                            num_classes, output_size, MODES.index(mode))
 

@@ -3,9 +3,9 @@ classifier), ``import_pt`` (the official release), ``show_labelmap`` (a map over
 ``make_synthetic_imagenet`` (a small data set to try the loaders on); ``jobs.py`` keeps
 resumed jobs consistent. Each loads its heavier dependencies on first use."""
 
-__all__ = ["annotate", "import_pt", "make_synthetic_imagenet", "show_labelmap"]
+__all__ = ["LOGIT_SCALE", "annotate", "import_pt", "make_synthetic_imagenet", "show_labelmap"]
 
-_MODULES = {"annotate": "annotate", "import_pt": "import_pt",
+_MODULES = {"annotate": "annotate", "import_pt": "import_pt", "LOGIT_SCALE": "synthetic",
             "make_synthetic_imagenet": "synthetic", "show_labelmap": "show"}
 
 
