@@ -39,3 +39,13 @@ def run_command(command: Sequence[str], *, env: Optional[Mapping[str, str]] = No
     """A command line (e.g. the `dali-relabel` console script), waited for."""
     return subprocess.run(list(map(str, command)), env=child_env(env), cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_worker_script(name: str, *args, timeout: float = 600,
+                      torchrun: int = 0) -> subprocess.CompletedProcess:
+    """A worker of tests/workers/ (a real module, run as a script) with the tests' own
+    utilities (labelmap_data, jpeg_data) importable."""
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
+    return run_python(WORKERS / name, *args, torchrun=torchrun, timeout=timeout,
+                      env={"PYTHONPATH": path})
