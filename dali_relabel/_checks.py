@@ -9,8 +9,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_path_arg",
-           "check_probability", "check_range", "check_rgb"]
+__all__ = ["check_bool", "check_box", "check_choice", "check_float", "check_int",
+           "check_int_pair", "check_path_arg", "check_probability", "check_range", "check_rgb"]
 
 
 def _is_int(value: Any) -> bool:
@@ -113,3 +113,30 @@ def check_path_arg(name: str, value: Any, *, kind: str = "file") -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a {kind} path (str or os.PathLike), got {value!r}")
     return value
+
+
+def check_box(name: str, value: Any) -> tuple[float, float, float, float]:
+    """A crop box (x1, y1, x2, y2), normalized: four finite floats with 0 <= x1 < x2 <= 1
+    and 0 <= y1 < y2 <= 1, else a ValueError naming `name`."""
+    if (isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray))
+            or len(value) != 4 or not all(_is_real(v) and math.isfinite(float(v))
+                                         for v in value)
+            or not (0.0 <= float(value[0]) < float(value[2]) <= 1.0
+                    and 0.0 <= float(value[1]) < float(value[3]) <= 1.0)):
+        shown = list(value) if isinstance(value, (Sequence, np.ndarray)) and not isinstance(
+            value, (str, bytes)) else value
+        raise ValueError(f"{name} must be (x1, y1, x2, y2) with 0 <= x1 < x2 <= 1 and "
+                         f"0 <= y1 < y2 <= 1, got {shown!r}")
+    return tuple(float(v) for v in value)
+
+
+def check_int_pair(name: str, value: Any, low: int, high: Optional[int] = None) -> tuple[int, int]:
+    """A (min, max) pair of ints with low <= min <= max (<= high when given), else a
+    ValueError naming `name`."""
+    if (isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray))
+            or len(value) != 2 or not all(_is_int(v) for v in value)
+            or not low <= value[0] <= value[1] or (high is not None and value[1] > high)):
+        bound = "" if high is None else f" <= {high}"
+        raise ValueError(f"{name} must be (min, max) ints with {low} <= min <= max{bound}, "
+                         f"got {value!r}")
+    return int(value[0]), int(value[1])

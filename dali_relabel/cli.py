@@ -14,39 +14,43 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from dali_relabel.files import check_output_path
-from dali_relabel.labelmaps.store import (
+from dali_relabel import _checks
+from dali_relabel._system import format_bytes as _human_size
+from dali_relabel.files import OutputError, check_output_path
+from dali_relabel.labelmaps.format import (
     LabelMapError,
     LabelMapHeader,
-    open_h5,
+    opened,
     read_header,
     read_paths,
-    scan_file,
 )
+from dali_relabel.labelmaps.scan import scan_file
 
 _SHOWN_CLASSES = 5
 _SHOWN_PATHS = 5
 _HELP_WIDTH = 79
 
 
-def _human_size(num_bytes: float) -> str:
-    if num_bytes < 1000:
-        return f"{num_bytes:.0f} B"
-    for unit in ("kB", "MB"):
-        num_bytes /= 1000
-        if num_bytes < 1000:
-            return f"{num_bytes:.1f} {unit}"
-    return f"{num_bytes / 1000:.1f} GB"
+def _printable(value: Any) -> str:
+    """`value` as text that is safe on a terminal: control characters (escape sequences,
+    line breaks, TABs) and other unprintable ones, e.g. from a file's class names or
+    attributes or from file names, are written as Python escapes ("\\x1b")."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else
+                   char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 def _print_info(header: LabelMapHeader, labels: torch.Tensor, classes: list[str]) -> None:
-    print(f"file:         {header.path} ({_human_size(header.file_size)})")
+    print(f"file:         {_printable(header.path)} ({_human_size(header.file_size)})")
     print(f"rows (N):     {header.num_rows}")
     print(f"classes (C):  {header.num_classes}   first: "
-          f"{', '.join(classes[:_SHOWN_CLASSES])}"
+          f"{', '.join(_printable(name) for name in classes[:_SHOWN_CLASSES])}"
           f"{', ...' if header.num_classes > _SHOWN_CLASSES else ''}")
     print(f"top-k (K):    {header.topk}")
     print(f"map (H x W):  {header.height} x {header.width}")
@@ -61,20 +65,20 @@ def _print_info(header: LabelMapHeader, labels: torch.Tensor, classes: list[str]
           f"{header.num_rows - known.numel()} unknown (-1)")
     print("provenance:" if header.provenance else "provenance:   none")
     for key, value in sorted(header.provenance.items()):
-        print(f"  {key}: {value}")
+        print(f"  {_printable(key)}: {_printable(value)}")
 
 
 def _info(args: argparse.Namespace) -> int:
     try:
-        header = read_header(args.file)
-        with open_h5(args.file) as f:  # /labels and a few class names; never the maps
+        header = read_header(args.file)  # checks that the metadata fits in memory
+        with opened(args.file) as f:  # /labels and a few class names; never the maps
             labels = torch.from_numpy(f["labels"][()].astype("int64"))
             classes = f["classes"].asstr()[:_SHOWN_CLASSES].tolist()
         _print_info(header, labels, classes)
         if args.full:
             scan_file(args.file)
     except LabelMapError as e:
-        print(f"validation: FAILED: {e}")
+        print(f"validation: FAILED: {_printable(e)}")
         return 1
     print(f"validation: ok ({'full scan' if args.full else 'metadata'})")
     return 0
@@ -85,25 +89,32 @@ def _verify(args: argparse.Namespace) -> int:
     from dali_relabel.images.path_lists import write_bad_list
     from dali_relabel.images.verify import verify_images
 
+    _checks.check_int("--batch-size", args.batch_size, 1)
+    _checks.check_int("--num-threads", args.num_threads, 1)
     check_output_path(args.out, argument="--out")
+    skipped: list[tuple[str, str]] = []
     if args.labelmaps:
         try:  # only /paths is read
             paths = read_paths(args.labelmaps)
         except LabelMapError as e:
-            print(f"error: {e}")
+            print(f"error: {_printable(e)}")
             return 1
         source = args.labelmaps
     else:
-        paths, _ = find_images(args.image_root)
+        paths, _ = find_images(args.image_root, skipped=skipped)
         source = f"the image files under {args.image_root}"
     bad = verify_images(args.image_root, paths, batch_size=args.batch_size,
                         num_threads=args.num_threads, decoder_device=args.device,
                         adjust_orientation=args.adjust_orientation)
     write_bad_list(args.out, bad)
     for path, reason in bad:
-        print(f"bad: {path}: {reason}")
-    print(f"verified {len(paths)} images listed by {source}: {len(bad)} bad, listed in "
-          f"{args.out}" + (f" (train with exclude={args.out!r})" if bad else ""))
+        print(f"bad: {_printable(path)}: {_printable(reason)}")
+    for path, reason in skipped:
+        print(f"skipped: {_printable(path)}: {reason}")
+    print(_printable(
+        f"verified {len(paths)} images listed by {source}: {len(bad)} bad, listed in "
+        f"{args.out}" + (f" (train with exclude={args.out!r})" if bad else "")
+        + (f"; {len(skipped)} files skipped, no tool lists them" if skipped else "")))
     return 1 if bad else 0
 
 
@@ -117,7 +128,7 @@ def _annotate(args: argparse.Namespace) -> int:
              topk=args.topk, batch_size=args.batch_size, num_workers=args.num_workers,
              device=args.device, classes=classes, exclude=args.exclude)
     if os.path.exists(args.out):  # under torchrun only rank 0 writes the file
-        print(f"wrote {args.out}")
+        print(_printable(f"wrote {args.out}"))
     return 0
 
 
@@ -128,15 +139,19 @@ def _import_pt(args: argparse.Namespace) -> int:
     classes = read_name_list(args.classes, argument="--classes") if args.classes else None
     report = import_pt(args.src, args.images, args.out, layout=args.layout, classes=classes,
                        strict=args.strict, num_workers=args.num_workers)
+    if report.complete_before:
+        print(_printable(f"{args.out}: complete from an earlier run of the same import "
+                         f"({report.rows} maps, layout {args.layout}); nothing to do"))
+        return 0
     for what, paths in (("image without a map", report.images_without_maps),
                         ("map without an image", report.maps_without_images)):
         for path in paths[:_SHOWN_PATHS]:
-            print(f"{what}: {path}")
+            print(f"{what}: {_printable(path)}")
         if len(paths) > _SHOWN_PATHS:
             print(f"{what}: ... and {len(paths) - _SHOWN_PATHS} more")
-    print(f"wrote {args.out}: {report.rows} maps (layout {args.layout}); "
-          f"{len(report.images_without_maps)} images without a map, "
-          f"{len(report.maps_without_images)} maps without an image")
+    print(_printable(f"wrote {args.out}: {report.rows} maps (layout {args.layout}); "
+                     f"{len(report.images_without_maps)} images without a map, "
+                     f"{len(report.maps_without_images)} maps without an image"))
     return 0
 
 
@@ -145,21 +160,27 @@ def _show(args: argparse.Namespace) -> int:
 
     shown = show_labelmap(args.file, args.images, args.index, args.out, box=args.box,
                           num_crops=args.crops, seed=args.seed)
-    print(f"wrote {args.out}: {shown.path}, {len(shown.boxes)} crop(s)")
+    print(_printable(f"wrote {args.out}: {shown.path}, {len(shown.boxes)} crop(s)"))
     return 0
 
 
 def _index(args: argparse.Namespace) -> int:
     from dali_relabel.images.files import read_image_sizes
-    from dali_relabel.labelmaps.store import add_sizes
+    from dali_relabel.labelmaps.writer import add_sizes
 
-    check_output_path(args.file, argument="FILE")
-    paths = read_paths(args.file)
+    if args.num_threads is not None:
+        _checks.check_int("--num-threads", args.num_threads, 1)
+    # A link (e.g. to a shared store) is followed: its target is rewritten, beside itself.
+    target = os.path.realpath(args.file)
+    check_output_path(target, argument="FILE")
+    paths = read_paths(target)
     sizes = read_image_sizes(args.images, paths, adjust_orientation=args.adjust_orientation,
                              num_threads=args.num_threads)
-    add_sizes(args.file, sizes, adjust_orientation=args.adjust_orientation)
-    print(f"{args.file}: stored the (height, width) of {len(paths)} images (mean "
-          f"{int(sizes[:, 0].mean())} x {int(sizes[:, 1].mean())})")
+    add_sizes(target, sizes, adjust_orientation=args.adjust_orientation)
+    where = args.file if target == os.path.abspath(args.file) else (
+        f"{args.file} (a link; rewrote {target})")
+    print(_printable(f"{where}: stored the (height, width) of {len(paths)} images (mean "
+                     f"{int(sizes[:, 0].mean())} x {int(sizes[:, 1].mean())})"))
     return 0
 
 
@@ -171,8 +192,10 @@ def _synthetic(args: argparse.Namespace) -> int:
         val_per_class=args.val_per_class, image_size=tuple(args.image_size),
         topk=min(5, args.classes), seed=args.seed, objects=tuple(args.objects),
         main_side=tuple(args.main_side), other_side=tuple(args.other_side))
-    print(f"train images: {dataset.train_root}\nvalidation images: {dataset.val_root}\n"
-          f"label maps: {dataset.labelmaps}\nReaL labels: {dataset.real_labels}")
+    for what, path in (("train images", dataset.train_root),
+                       ("validation images", dataset.val_root),
+                       ("label maps", dataset.labelmaps), ("ReaL labels", dataset.real_labels)):
+        print(f"{what}: {_printable(path)}")
     return 0
 
 
@@ -428,9 +451,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("dali_relabel").setLevel(logging.INFO)  # progress notes, not timm's
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:  # LabelMapError is a ValueError
-        print(f"dali-relabel {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # LabelMapError is a ValueError
+        print(f"dali-relabel {args.command}: error: {_printable(_one_line(e))}",
+              file=sys.stderr)
         return 1
+
+
+def _one_line(error: Exception) -> str:
+    """An error as one line: an OSError of the system names its file and says what
+    happened ("PATH: No space left on device"), as the tools' own errors do."""
+    if isinstance(error, OSError) and not isinstance(error, OutputError) and (
+            error.strerror is not None):
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -4,13 +4,21 @@ leaves nothing behind but a temporary that the next write removes."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import logging
 import os
+import stat
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["atomic_path", "check_output_path"]
+__all__ = ["OutputError", "atomic_output", "atomic_path", "check_output_path", "open_input",
+           "write_failure"]
+
+# What HDF5 and others say, in their own words, when a write meets a full disk or the
+# file-size limit (ulimit -f).
+_NO_SPACE_SIGNS = ("errno = 28", "errno = 27", "No space left", "File too large")
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,62 @@ def check_output_path(path: Any, *, argument: str, directory: bool = False) -> s
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{argument}: the folder {parent} is not writable")
     return path
+
+
+class OutputError(OSError):
+    """Writing an output file failed; the message is one line that names the file and says
+    why (e.g. "no space left on device")."""
+
+
+def write_failure(path: str, error: BaseException) -> str:
+    """One line on a failed write of `path`: "PATH: writing failed: no space left on device
+    (or the file-size limit)" for a full disk or ulimit -f, else the error's first line
+    (HDF5's messages run over several)."""
+    text = str(getattr(error, "strerror", None) or error).strip()
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+            sign in str(error) for sign in _NO_SPACE_SIGNS):
+        return f"{path}: writing failed: no space left on device (or the file-size limit)"
+    return f"{path}: writing failed ({text.splitlines()[0] if text else type(error).__name__})"
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+    """`atomic_path` for the tools' outputs: an OSError in the block or at the rename (a
+    full disk, the file-size limit, a folder made read-only meanwhile) becomes an
+    OutputError of one line naming `path` (see `write_failure`); nothing is left behind."""
+    path = os.fspath(path)
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(write_failure(path, e)) from e
+
+
+def open_input(path: str | os.PathLike, *, argument: str, what: str = "file",
+               encoding: str = "utf-8") -> IO[str]:
+    """Opens a text input file (a list, a name file) for reading, refusing anything but a
+    regular file before a read can block: a FIFO would wait for a writer forever.
+
+    Raises:
+        ValueError: "{argument}: cannot read the {what} {path} (why)".
+    """
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{argument}: cannot read the {what} {path} "
+                         f"({getattr(e, 'strerror', None) or e})") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{argument}: cannot read the {what} {path} (not a regular "
+                             f"file)")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return open(fd, encoding=encoding)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _pid_alive(pid: int) -> bool:

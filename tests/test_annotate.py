@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 import timm
@@ -20,7 +21,10 @@ from labelmap_data import KILLED_AFTER_TWO_WRITES
 
 from dali_relabel import LabelMapError, LabelMapStore
 from dali_relabel.cli import main
-from dali_relabel.labelmaps.store import LabelMapWriter
+from dali_relabel.labelmaps import LabelMapWriter
+from dali_relabel.tools.jobs import read_name_list
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODEL = "test_resnet"  # timm's 0.4 M-parameter ResNet; stride 32
 SIZE = 128  # input side: a 4 x 4 feature map
@@ -200,7 +204,12 @@ def test_refuses_unsupported_models_and_bad_arguments(images, colour_model, tmp_
         (dict(model="no_such_model"), "timm has no model 'no_such_model'"),
         (dict(extra=("--topk", "3")), "topk: 3 is more than the model's 2 classes"),
         (dict(extra=("--topk", "2", "--input-size", "0")),
-         "input_size: expected a positive integer"),
+         "input_size must be an int in [1, 4096], got 0"),
+        (dict(extra=("--topk", "2", "--input-size", "100000")),
+         "input_size must be an int in [1, 4096], got 100000"),
+        (dict(extra=("--topk", "0")), "topk must be an int >= 1, got 0"),
+        (dict(extra=("--topk", "2", "--num-workers", "-1")),
+         "num_workers must be an int >= 0, got -1"),
         (dict(root=tmp_path / "nowhere"), "is not a directory"),
     ]
     for case, message in cases:
@@ -294,3 +303,74 @@ def test_torchrun_ranks_share_the_work(images, colour_model, annotated, tmp_path
     assert_close(merged.values, single.values, atol=2e-3, rtol=0)
     assert {key: merged.attrs[key] for key in ("model", "checkpoint_sha256", "input_size")} == {
         key: single.attrs[key] for key in ("model", "checkpoint_sha256", "input_size")}
+
+
+def small_run(images, out, checkpoint, workers):
+    return ["annotate", "--model", MODEL, "--checkpoint", str(checkpoint),
+            "--images", str(images), "--out", str(out), "--input-size", "64", "--map-size",
+            "2", "--topk", "2", "--batch-size", "1", "--device", "cpu", "--num-workers",
+            str(workers)]
+
+
+def test_rerun_right_after_kill_9_is_not_locked_out_by_workers(images, colour_model, tmp_path):
+    out = tmp_path / "maps.h5"
+    args = small_run(images, out, colour_model[1], workers=1)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Not capturing the output: reading it would wait for the orphaned worker as well.
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_TWO_WRITES, *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    # The killed job's loading worker lives on for a few seconds; it must not hold the file.
+    h5py.File(f"{out}.partial", "r+").close()
+    assert main(args) == 0
+    assert LabelMapStore.open(out).paths == PATHS
+
+
+def test_images_over_pils_pixel_limit_decode_in_annotate_and_show(images, colour_model,
+                                                                   tmp_path, monkeypatch,
+                                                                   capsys):
+    out = tmp_path / "maps.h5"
+    # The test images are over twice this; the forked loading worker sees it too.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    assert main(small_run(images, out, colour_model[1], workers=1)) == 0
+    assert main(["show", str(out), "--images", str(images), "--index", "0", "--box", "0",
+                 "0", "1", "1", "--out", str(tmp_path / "row0.png")]) == 0
+    assert "DecompressionBomb" not in capsys.readouterr().err
+    assert (tmp_path / "row0.png").read_bytes()[:4] == b"\x89PNG"
+    assert Image.MAX_IMAGE_PIXELS == 50  # lifted only while decoding
+
+
+def test_name_lists_keep_hashes_inside_names(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("# classes\nn01#a\n  n02  \n\n")
+    assert read_name_list(path, argument="--classes") == ["n01#a", "n02"]
+
+
+# ---- 16. a rerun of a finished job says so; names no list can hold are left out at once --
+
+def test_rerun_of_a_finished_job_says_it_is_complete(images, colour_model, annotated, capsys,
+                                                      caplog):
+    before = annotated.read_bytes()
+    with caplog.at_level(logging.INFO, logger="dali_relabel"):
+        assert annotate(images, annotated, colour_model[1], *RUN) == 0
+    assert "complete from an earlier run of the same job; nothing to do" in caplog.text
+    assert annotated.read_bytes() == before
+    assert annotate(images, annotated, colour_model[1], *RUN, size=96) == 1
+    err = capsys.readouterr().err
+    assert f"out: {annotated} exists and is not the finished output of this job" in err
+    assert "input_size=128 (now 96)" in err
+
+
+def test_a_name_no_list_can_hold_is_left_out_at_the_start(images, colour_model, tmp_path,
+                                                          caplog):
+    root = tmp_path / "images"
+    for folder in ("blue", "red"):
+        os.makedirs(root / folder)
+    for path in ("blue/plain.jpg", "red/left.jpg"):
+        (root / path).write_bytes((images / path).read_bytes())
+    (root / "red" / "ta\tb.jpg").write_bytes((images / "red/top.jpg").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="dali_relabel"):
+        assert annotate(root, tmp_path / "maps.h5", colour_model[1], "--map-size", "4",
+                        "--topk", "2") == 0
+    assert "skipped 1 image file(s) that no tool can use: 'red/ta\\tb.jpg'" in caplog.text
+    assert LabelMapStore.open(tmp_path / "maps.h5").paths == ["blue/plain.jpg", "red/left.jpg"]

@@ -1,7 +1,12 @@
 """`dali-relabel import-pt`: official-format `.pt` maps written here are imported, and the
 targets afterwards equal the official training code's on the official crop coordinates."""
 import logging
+import re
 import os
+import resource
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -14,7 +19,10 @@ from torchvision.transforms import RandomResizedCrop
 import dali_relabel.tools.import_pt as import_pt_module
 from dali_relabel import LabelMapStore, label_pooling
 from dali_relabel.cli import main
-from dali_relabel.labelmaps.store import LabelMapWriter
+from dali_relabel.labelmaps import LabelMapError, LabelMapWriter
+from dali_relabel.tools.jobs import check_resumable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 C, K, S = 6, 5, 15
 CLASSES = [f"n{c:08d}" for c in range(C)]
@@ -188,3 +196,142 @@ def test_interrupted_import_resumes(release, tmp_path, monkeypatch, caplog, caps
     assert resumed.paths == uninterrupted.paths
     assert torch.equal(resumed.values, uninterrupted.values)
     assert torch.equal(resumed.indices, uninterrupted.indices)
+
+
+def run_python(code, *args, limit=None, timeout=300):
+    """Runs `code` in a fresh interpreter, with RLIMIT_FSIZE = `limit` bytes if given."""
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env,
+                          preexec_fn=set_limit if limit is not None else None)
+
+
+SMALL = (2, 3, 3)  # K, H, W of the small release
+
+
+@pytest.fixture
+def small_release(tmp_path):
+    """Two class folders of three 16 x 12 JPEGs and the official-format .pt maps of every
+    image, [2, 2, 3, 3]."""
+    images, src = tmp_path / "train", tmp_path / "relabel"
+    gen = torch.Generator().manual_seed(0)
+    for c in range(2):
+        os.makedirs(images / f"c{c}")
+        os.makedirs(src / f"c{c}")
+        for i in range(3):
+            Image.new("RGB", (16, 12), (90 * c, 40, 0)).save(images / f"c{c}" / f"img_{i}.jpg")
+            maps = torch.stack([torch.randn(*SMALL, generator=gen),
+                                torch.randint(0, 2, SMALL, generator=gen).float()])
+            torch.save(maps, src / f"c{c}" / f"img_{i}.pt")
+    return images, src
+
+
+IMPORT = "import sys; from dali_relabel.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_import_pt_under_a_file_size_limit(small_release, tmp_path):
+    images, src = small_release
+    args = ["import-pt", str(src), "--images", str(images), "--layout", "hw"]
+    assert main([*args, "--out", str(tmp_path / "reference.h5")]) == 0
+    out = tmp_path / "maps.h5"
+    limited = run_python(IMPORT, *args, "--out", out, limit=12_000)
+    assert limited.returncode == 1, (limited.returncode, limited.stderr[-2000:])
+    errors = [line for line in limited.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "no space left" in errors[0], limited.stderr[-2000:]
+    assert "Traceback" not in limited.stderr
+    assert main([*args, "--out", str(out)]) == 0
+    with LabelMapStore.open(out) as resumed, LabelMapStore.open(tmp_path / "reference.h5") as ref:
+        assert resumed.paths == ref.paths and torch.equal(resumed.values, ref.values)
+
+
+HOLD = textwrap.dedent("""
+    import sys, time, h5py
+    f = h5py.File(sys.argv[1], "r+")
+    print("holding", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_locked_partial_is_reported_as_locked_not_damaged(small_release, tmp_path, capsys):
+    images, src = small_release
+    out = tmp_path / "maps.h5"
+    partial = f"{out}.partial"
+    geometry = dict(num_rows=6, num_classes=2, topk=SMALL[0], height=SMALL[1],
+                    width=SMALL[2], classes=["c0", "c1"])
+    LabelMapWriter(out, **geometry).close()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, partial], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        attempts = [
+            lambda: LabelMapWriter(out, **geometry),
+            lambda: check_resumable(partial, paths=[], identity={}),
+            lambda: LabelMapStore.open(partial),
+        ]
+        for attempt in attempts:
+            with pytest.raises(LabelMapError, match="is locked by another process") as error:
+                attempt()
+            assert partial in str(error.value) and "delete" not in str(error.value)
+            assert "damaged" not in str(error.value)
+        assert main(["import-pt", str(src), "--images", str(images), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "is locked by another process" in err and "delete" not in err
+    finally:
+        holder.kill()
+        holder.wait()
+    LabelMapWriter(out, **geometry).close()  # the lock went with its holder
+
+
+# ---- 16. a rerun of a finished import says so; malformed maps name their file ------------
+
+def test_rerun_of_a_finished_import_says_it_is_complete(small_release, tmp_path, capsys):
+    images, src = small_release
+    out = tmp_path / "maps.h5"
+    args = ["import-pt", str(src), "--images", str(images), "--out", str(out)]
+    assert main(args) == 0  # as if killed right after its output was renamed into place
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out == (f"{out}: complete from an earlier run of the same "
+                                       f"import (6 maps, layout official); nothing to do\n")
+    assert out.read_bytes() == before
+    # Other settings, or another file: refused, saying why.
+    assert main([*args, "--layout", "hw"]) == 1
+    err = capsys.readouterr().err
+    assert f"out: {out} exists and is not the finished output of this job" in err
+    assert "layout='official' (now 'hw')" in err and "remove it" in err
+    out.write_bytes(b"not a label-map file")
+    assert main(args) == 1
+    assert "corrupt or not a label-map file" in capsys.readouterr().err
+
+
+def test_maps_without_classes_name_their_file(small_release, tmp_path, capsys):
+    images, src = small_release
+    torch.save(torch.zeros(2, 0, 3, 3), src / "c0" / "img_0.pt")
+    assert main(["import-pt", str(src), "--images", str(images), "--out",
+                 str(tmp_path / "maps.h5")]) == 1
+    assert (f"{src / 'c0' / 'img_0.pt'}: expected a tensor [2, K, H, W] with K, H, W >= 1 (at "
+            f"least one class per cell), found [2, 0, 3, 3]") in capsys.readouterr().err
+
+
+def test_a_pt_file_that_is_not_a_regular_file_is_skipped(small_release, tmp_path, caplog):
+    images, src = small_release
+    os.remove(src / "c1" / "img_2.pt")
+    os.mkfifo(src / "c1" / "img_2.pt")  # torch.load would wait on it forever
+    with caplog.at_level(logging.WARNING, logger="dali_relabel"):
+        assert main(["import-pt", str(src), "--images", str(images), "--out",
+                     str(tmp_path / "maps.h5")]) == 0
+    assert "skipped 1 .pt file(s) that cannot be read: 'c1/img_2.pt' (a FIFO" in caplog.text
+    assert len(LabelMapStore.open(tmp_path / "maps.h5")) == 5
+
+
+def test_bad_arguments_name_themselves(small_release, tmp_path):
+    images, src = small_release
+    out = tmp_path / "maps.h5"
+    for kwargs, message in ((dict(layout="wh"), "layout must be one of ('official', 'hw'), "
+                                                "got 'wh'"),
+                            (dict(num_workers=0), "num_workers must be an int >= 1, got 0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            import_pt_module.import_pt(src, images, out, **kwargs)

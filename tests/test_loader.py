@@ -868,3 +868,30 @@ def test_val_loader_names_a_file_that_fails_to_decode(dataset, tmp_path):
     with pytest.raises(RuntimeError, match="1 validation image\\(s\\) failed to decode: "
                                            "n00000002/img_005.JPEG"):
         list(loader)
+
+
+@pytest.mark.parametrize("change", ["overwritten-in-place", "truncated"])
+def test_a_store_changed_under_the_loader_is_named_not_a_crash(dataset, tmp_path, change):
+    """A memory-mapped store rewritten in place would change the targets silently, a
+    truncated one kill the process with SIGBUS: the next batch stops, naming the file."""
+    import shutil
+    root, store_path = dataset
+    path = tmp_path / "maps.h5"
+    shutil.copyfile(store_path, path)
+    loader = ReLabelLoader(root, str(path), 4, device="cpu", image_size=16, num_threads=1,
+                           labelmaps_placement="mmap")
+    batches = iter(loader)
+    next(batches)
+    if change == "truncated":
+        os.truncate(path, 1000)
+    else:  # another valid store, copied over this one in place (as `cp` does)
+        values, indices = make_label_maps(NUM_IMAGES, 5, NUM_CLASSES, seed=99)
+        other = tmp_path / "other.h5"
+        dali_relabel.write_labelmaps(other, values, indices, loader.store.labels,
+                                     loader.store.paths, loader.store.classes)
+        with open(other, "rb") as src, open(path, "r+b") as dst:
+            dst.write(src.read())
+            dst.truncate()
+    with pytest.raises(dali_relabel.LabelMapError, match=f"{path}: the label-map file was "
+                                                         "modified in place"):
+        next(batches)

@@ -1,6 +1,9 @@
 """`dali-relabel show`: the numbers behind the picture, the PNG itself, and the command
 line's help (every command listed, each with an example)."""
+import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,10 +13,12 @@ from timm.data import ImageNetInfo
 from torch.testing import assert_close
 
 import dali_relabel
+import dali_relabel._system as system_module
 from dali_relabel import LabelMapStore, reference_label_pooling
 from dali_relabel.cli import main
 from dali_relabel.tools.show import show_labelmap
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, K, M = 10, 3, 15
 CLASSES = ImageNetInfo().label_names()[:C]  # WordNet ids: shown with their descriptions
 LEFT, RIGHT = 1, 4  # the class that fills the left / right part of every map
@@ -111,9 +116,13 @@ def test_show_names_bad_arguments(dataset, tmp_path, capsys):
     images, store_path = dataset
     out = str(tmp_path / "x.png")
     cases = [
-        (["--index", "2"], "index: expected a row in [0, 2)"),
-        (["--index", "0", "--box", "0.5", "0.1", "0.2", "0.9"], "box: expected x1 y1 x2 y2"),
-        (["--index", "0", "--crops", "0"], "num_crops: expected 1 to 8"),
+        (["--index", "2"], f"index must be an int in [0, 1], got 2 ({store_path} has 2 rows)"),
+        (["--index", "0", "--box", "0.5", "0.1", "0.2", "0.9"],
+         "box must be (x1, y1, x2, y2) with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1, got "
+         "[0.5, 0.1, 0.2, 0.9]"),
+        (["--index", "0", "--crops", "0"], "num_crops must be an int in [1, 8], got 0"),
+        (["--index", "0", "--seed", "-1"], "seed must be an int in [0, 9223372036854775807], "
+                                           "got -1"),
     ]
     for extra, message in cases:
         assert main(["show", str(store_path), "--images", str(images), "--out", out,
@@ -139,3 +148,57 @@ def test_help_lists_every_command_with_an_example(capsys):
             main([command, "--help"])
         help_text = capsys.readouterr().out
         assert "example" in help_text and f"dali-relabel {command} " in help_text
+
+
+# ---- 5. large images: drawn small, refused before decoding when they cannot fit ----------
+
+SHOW_UNDER_ULIMIT = """
+import resource, sys
+from dali_relabel.cli import main
+with open("/proc/self/status") as f:
+    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+limit = size + (3 << 29)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(main(["show", *sys.argv[1:]]))
+"""
+
+
+def test_a_large_image_is_drawn_within_the_memory_limit(tmp_path):
+    """8000 x 8000 pixels under `ulimit -v` of 1.5 GB more than the interpreter holds:
+    drawing the image whole would take several GB of float copies in matplotlib."""
+    root = tmp_path / "images"
+    os.makedirs(root / CLASSES[0])
+    rng = np.random.default_rng(0)
+    small = Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8))
+    small.resize((8000, 8000), Image.BILINEAR).save(root / CLASSES[0] / "big.JPEG", quality=70)
+    store = tmp_path / "maps.h5"
+    dali_relabel.write_labelmaps(store, np.zeros((1, 2, 4, 4)), np.zeros((1, 2, 4, 4), np.int64),
+                                 np.zeros(1, np.int64), [f"{CLASSES[0]}/big.JPEG"], CLASSES)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "big.png"
+    result = subprocess.run([sys.executable, "-c", SHOW_UNDER_ULIMIT, str(store), "--images",
+                             str(root), "--index", "0", "--box", "0.1", "0.1", "0.5", "0.5",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_png(out, 1)
+
+
+def test_an_image_that_cannot_fit_is_refused_before_decoding(dataset, tmp_path, monkeypatch,
+                                                             capsys):
+    images, store_path = dataset
+    root = tmp_path / "images"
+    os.makedirs(root / os.path.dirname(PATHS[0]))
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (13500).to_bytes(2, "big") * 2  # declares 13500 x 13500 pixels
+    (root / PATHS[0]).write_bytes(bytes(data))
+    monkeypatch.setattr(system_module, "available_memory", lambda: 1 << 30, raising=False)
+    assert main(["show", str(store_path), "--images", str(root), "--index", "0", "--box",
+                 "0", "0", "1", "1", "--out", str(tmp_path / "x.png")]) == 1
+    assert capsys.readouterr().err == (
+        f"dali-relabel show: error: {root / PATHS[0]}: the image declares 13500 x 13500 "
+        f"pixels; decoding it needs about 1.5 GB of memory, 1.1 GB are available\n")
+    assert not (tmp_path / "x.png").exists()

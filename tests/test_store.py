@@ -1,17 +1,23 @@
-"""Tests of the label-map store (dali_relabel.labelmaps.store) and the `dali-relabel info` command."""
+"""Tests of the label-map package (dali_relabel.labelmaps: the store, the writers, the
+checks on open, the full scan) and of the `dali-relabel info` and `index` commands."""
 import logging
 import os
+import resource
 import subprocess
 import sys
+import textwrap
+import tracemalloc
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-import dali_relabel.labelmaps.store as store_module
+import dali_relabel._system as system_module
+import dali_relabel.labelmaps.scan as scan_module
+import dali_relabel.labelmaps.writer as writer_module
 from dali_relabel.cli import main
-from dali_relabel.labelmaps.store import (
+from dali_relabel.labelmaps import (
     LabelMapError,
     LabelMapStore,
     LabelMapWriter,
@@ -162,7 +168,7 @@ def test_writer_resumes_random_rows_across_sessions(tmp_path, rows, caplog):
     partial = tmp_path / "maps.h5.partial"
     order = np.random.default_rng(1).permutation(N)
     first, second = order[: N // 2], order[N // 2:]
-    with caplog.at_level(logging.WARNING, logger="dali_relabel.labelmaps.store"):
+    with caplog.at_level(logging.WARNING, logger="dali_relabel.labelmaps.writer"):
         with LabelMapWriter(path, **writer_args(), annotator="resnet-test") as writer:
             write_some(writer, rows, first[:3])
             write_some(writer, rows, torch.as_tensor(first[3:]))
@@ -259,7 +265,8 @@ CORRUPTIONS = {
     "float sizes": (lambda p: rewrite(p, "sizes", np.ones((N, 2), np.float32)),
                     "/sizes: expected an integer dtype"),
     "zero sizes": (lambda p: rewrite(p, "sizes", np.eye(N, 2, dtype=np.int32)[::-1]),
-                   r"/sizes: 12 rows hold a height or width < 1, first rows \[0, 1, 2, 3, 4\]"),
+                   r"/sizes: 12 rows hold a height or width outside \[1, 2147483647\] \(int32\), "
+                   r"found \[0, 1\], first rows \[0, 1, 2, 3, 4\]"),
 }
 
 
@@ -325,7 +332,7 @@ def test_open_refuses_truncated_data_behind_an_intact_header(good_file, tmp_path
 
 @pytest.mark.parametrize("rows_per_chunk", [1, 4, N])
 def test_full_validation_finds_bad_values_and_classes(good_file, monkeypatch, rows_per_chunk):
-    monkeypatch.setattr(store_module, "_SCAN_CHUNK_BYTES", rows_per_chunk * K * H * W * 2)
+    monkeypatch.setattr(scan_module, "SCAN_CHUNK_BYTES", rows_per_chunk * K * H * W * 2)
     with h5py.File(good_file, "r+") as f:
         values = f["values"][()]
         values[3, 0, 1, 1] = np.nan
@@ -461,8 +468,8 @@ def test_writer_with_sizes_needs_them_on_every_write_and_on_resume(tmp_path, row
 
 def test_add_sizes_in_place_keeps_the_maps(good_file, rows):
     before = read_header(good_file)
-    store_module.add_sizes(good_file, np.full((N, 2), 3), adjust_orientation=False)
-    store_module.add_sizes(good_file, np.full((N, 2), 5), adjust_orientation=True)  # replaces
+    writer_module.add_sizes(good_file, np.full((N, 2), 3), adjust_orientation=False)
+    writer_module.add_sizes(good_file, np.full((N, 2), 5), adjust_orientation=True)  # replaces
     with LabelMapStore.open(good_file) as store:
         assert store.sizes.eq(5).all() and store.sizes_adjust_orientation is True
         assert_store_equals(store, rows)
@@ -477,7 +484,7 @@ def test_add_sizes_interrupted_leaves_the_file_as_it_was(good_file):
         "import resource, signal, numpy as np\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, {len(before) // 2}))\n"
-        "from dali_relabel.labelmaps.store import add_sizes\n"
+        "from dali_relabel.labelmaps import add_sizes\n"
         f"add_sizes({str(good_file)!r}, np.full(({N}, 2), 3))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode != 0, result.stderr
@@ -485,4 +492,433 @@ def test_add_sizes_interrupted_leaves_the_file_as_it_was(good_file):
     assert open(good_file, "rb").read() == before
     assert sorted(os.listdir(os.path.dirname(good_file))) == [os.path.basename(good_file)]
     with pytest.raises(ValueError, match=rf"sizes: expected an integer array \[{N}, 2\]"):
-        store_module.add_sizes(good_file, np.full((N + 1, 2), 3))
+        writer_module.add_sizes(good_file, np.full((N + 1, 2), 3))
+
+
+def run_python(code, *args, limit=None, timeout=300):
+    """Runs `code` in a fresh interpreter, with RLIMIT_FSIZE = `limit` bytes if given."""
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env,
+                          preexec_fn=set_limit if limit is not None else None)
+
+
+# ---- image paths stay inside the image root: refused when written and when opened --------
+
+BAD_PATHS = [
+    pytest.param("../../secret.jpg", "component '..'", id="dotdot-escape"),
+    pytest.param("/etc/passwd", "absolute path", id="absolute"),
+    pytest.param("", "empty path", id="empty"),
+    pytest.param("c0/./img.jpg", "component '.'", id="dot-component"),
+    pytest.param("c0//img.jpg", "component ''", id="empty-component"),
+    pytest.param("c0/", "component ''", id="trailing-slash"),
+    pytest.param("\\\\server\\share\\img.jpg", "absolute path", id="backslash-unc"),
+    pytest.param("C:\\images\\img.jpg", "absolute path", id="drive-letter"),
+    pytest.param("c0/img\n.jpg", "control character", id="newline"),
+    pytest.param(None, "must be unique", id="duplicate"),  # the path of row 0
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_PATHS)
+def test_write_labelmaps_refuses_bad_path(tmp_path, rows, bad, message):
+    paths = list(rows["paths"])
+    paths[3] = paths[0] if bad is None else bad
+    with pytest.raises(ValueError, match="paths") as error:
+        write_labelmaps(tmp_path / "x.h5", **dict(rows, paths=paths), classes=CLASSES)
+    assert message in str(error.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad, message", BAD_PATHS)
+def test_writer_refuses_bad_path(tmp_path, rows, bad, message):
+    with LabelMapWriter(tmp_path / "x.h5", **writer_args()) as writer:
+        write_some(writer, rows, np.arange(3))
+        with pytest.raises(ValueError, match="paths") as error:
+            writer.write(np.array([3]), rows["values"][3:4], rows["indices"][3:4],
+                         rows["labels"][3:4], [rows["paths"][0] if bad is None else bad])
+        assert message in str(error.value)
+        assert writer.num_written == 3
+
+
+@pytest.mark.parametrize("bad, message", BAD_PATHS)
+def test_open_refuses_bad_path_patched_into_file(good_file, rows, tmp_path, capsys, bad,
+                                                 message):
+    with h5py.File(good_file, "r+") as f:
+        f["paths"][3] = rows["paths"][0] if bad is None else bad
+    for read in (read_header, LabelMapStore.open):
+        with pytest.raises(LabelMapError, match="dataset /paths") as error:
+            read(good_file)
+        assert str(good_file) in str(error.value) and message in str(error.value)
+        assert "[3]" in str(error.value) or "row" in str(error.value)
+    # show reads the store's /paths: it cannot be made to read outside the image root.
+    assert main(["show", str(good_file), "--images", str(tmp_path), "--index", "3",
+                 "--box", "0", "0", "1", "1", "--out", str(tmp_path / "x.png")]) == 1
+    assert "dataset /paths" in capsys.readouterr().err
+
+
+# ---- declared sizes must be backed by stored data ----------------------------------------
+
+def bomb(path, name, *, chunks=True):
+    """Replaces dataset /name of a good file by one of the same shape with no data."""
+    with h5py.File(path, "r+") as f:
+        ds = f[name]
+        shape, dtype = ds.shape, ds.dtype
+        del f[name]
+        f.create_dataset(name, shape=shape, dtype=dtype,
+                         chunks=(1,) + shape[1:] if chunks else None)
+
+
+def huge_file(path, num_rows):
+    """A few kB declaring num_rows x K x H x W maps (chunked, nothing written)."""
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format="dali-relabel-labelmaps", version=1, num_classes=C, topk=K,
+                       height=H, width=W, value_kind="logits")
+        for name, dtype in (("values", np.float16), ("indices", np.int16)):
+            f.create_dataset(name, shape=(num_rows, K, H, W), dtype=dtype, chunks=(1, K, H, W))
+        f.create_dataset("labels", shape=(num_rows,), dtype=np.int64, chunks=(4096,))
+        f.create_dataset("paths", shape=(num_rows,), dtype=h5py.string_dtype(), chunks=(4096,))
+        f.create_dataset("classes", data=np.array(CLASSES, dtype=object),
+                         dtype=h5py.string_dtype())
+
+
+STORAGE_BOMBS = [
+    pytest.param(lambda p: huge_file(p, 10 ** 7), "/values: 0 of 10000000 chunks stored",
+                 id="chunked-values-1e7-rows-nothing-written"),
+    pytest.param(lambda p: huge_file(p, 10 ** 9), "/values: 0 of 1000000000 chunks stored",
+                 id="chunked-values-1e9-rows-nothing-written"),
+    pytest.param(lambda p: bomb(p, "values", chunks=False), "/values: no data stored",
+                 id="contiguous-values-never-written"),
+    pytest.param(lambda p: bomb(p, "labels"), f"/labels: 0 of {N} chunks stored",
+                 id="labels-never-written"),
+    pytest.param(lambda p: bomb(p, "paths", chunks=False), "/paths: no data stored",
+                 id="paths-never-written"),
+    pytest.param(lambda p: bomb(p, "classes"), f"/classes: 0 of {C} chunks stored",
+                 id="classes-never-written"),
+]
+
+
+@pytest.mark.parametrize("make, message", STORAGE_BOMBS)
+def test_declared_sizes_must_be_stored(good_file, capsys, make, message):
+    make(good_file)
+    assert os.path.getsize(good_file) < 64 << 10
+    with pytest.raises(LabelMapError, match=message) as error:
+        LabelMapStore.open(good_file, placement="memory")
+    assert str(good_file) in str(error.value)
+    for extra in ([], ["--full"]):
+        assert main(["info", str(good_file), *extra]) == 1
+        assert f"validation: FAILED: {good_file}" in capsys.readouterr().out
+
+
+def test_written_and_sizes_are_guarded_too(good_file):
+    with h5py.File(good_file, "r+") as f:
+        f.create_dataset("written", shape=(N,), dtype=np.uint8, chunks=(1,))
+    with pytest.raises(LabelMapError, match=f"/written: 0 of {N} chunks stored"):
+        read_header(good_file)
+    with h5py.File(good_file, "r+") as f:
+        del f["written"]
+        f.create_dataset("sizes", shape=(N, 2), dtype=np.int32)
+    with pytest.raises(LabelMapError, match="/sizes: no data stored"):
+        read_header(good_file)
+
+
+def test_loading_needs_the_memory(tmp_path, rows, monkeypatch):
+    path = tmp_path / "maps.h5"  # maps of 2 x 12 x 3 x 32 x 32 x 2 bytes = 147 kB
+    write_labelmaps(path, np.zeros((N, K, 32, 32)), np.zeros((N, K, 32, 32), np.int64),
+                    rows["labels"], rows["paths"], CLASSES)
+    # Room for the metadata (/paths as Python strings and the rest), not for the maps.
+    monkeypatch.setattr(system_module, "available_memory", lambda: 20_000)
+    with LabelMapStore.open(path, placement="mmap"):
+        pass
+    with pytest.raises(LabelMapError, match=r"datasets /values and /indices: reading it needs "
+                                            r"about 147.5 kB of memory \(147456 bytes\), 20.0 kB "
+                                            r"are available; open it with placement='mmap'"):
+        LabelMapStore.open(path, placement="memory")
+    monkeypatch.setattr(system_module, "available_memory", lambda: 5_000)
+    with pytest.raises(LabelMapError, match=r"the metadata \(/labels, /paths, /classes\) of 12 "
+                                            r"rows: reading it needs about 8.6 kB"):
+        LabelMapStore.open(path, placement="mmap")
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["info", "info-full"])
+def test_info_never_loads_the_maps(tmp_path, monkeypatch, capsys, full):
+    num_rows = 2000  # 2 x 2000 x 64 x 7 x 7 x 2 bytes = 25 MB of maps, compressed
+    path = tmp_path / "big.h5"
+    values = np.zeros((num_rows, 64, 7, 7), np.float16)
+    write_labelmaps(path, values, np.zeros(values.shape, np.int64), np.zeros(num_rows, np.int64),
+                    [f"c0/{i}.jpg" for i in range(num_rows)], CLASSES, compression="gzip")
+    monkeypatch.setattr(scan_module, "SCAN_CHUNK_BYTES", 1 << 20)
+    tracemalloc.start()
+    try:
+        assert main(["info", str(path)] + (["--full"] if full else [])) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "validation: ok" in capsys.readouterr().out
+    assert peak < 8 << 20, peak
+
+
+# ---- a full disk loses no finished row ---------------------------------------------------
+
+WRITER_JOB = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from dali_relabel.labelmaps import LabelMapError, LabelMapWriter
+
+    def job(out, num_rows):
+        rng = np.random.default_rng(0)
+        values = rng.normal(size=(num_rows, 2, 3, 3)).astype(np.float32)
+        indices = rng.integers(0, 4, (num_rows, 2, 3, 3))
+        paths = [f"c0/{'x' * 200}_{row}.jpg" for row in range(num_rows)]
+        with LabelMapWriter(out, num_rows=num_rows, num_classes=4, topk=2, height=3, width=3,
+                            classes=["a", "b", "c", "d"]) as writer:
+            for start in writer.missing()[::10]:
+                rows = np.arange(start, min(start + 10, num_rows))
+                writer.write(rows, values[rows], indices[rows], rows % 4,
+                             [paths[row] for row in rows])
+
+    if __name__ == "__main__":
+        try:
+            job(sys.argv[1], int(sys.argv[2]))
+        except LabelMapError as e:
+            print(e)
+            sys.exit(1)
+""")
+
+
+def test_full_disk_keeps_the_written_rows_and_the_rerun_completes(tmp_path):
+    namespace = {}
+    exec(WRITER_JOB, namespace)  # the same job in this process, without the limit
+    reference = tmp_path / "reference.h5"
+    namespace["job"](reference, 400)
+    out = tmp_path / "maps.h5"
+    # Room for the maps but not for all the paths (their strings grow the file as written).
+    limited = run_python(WRITER_JOB, out, 400, limit=os.path.getsize(reference) - 20_000)
+    assert limited.returncode == 1, limited.stderr[-2000:]
+    message = limited.stdout.strip()
+    assert "\n" not in message and "no space left" in message and "file-size limit" in message
+    assert "rerun to continue" in message and not out.exists()
+    with h5py.File(f"{out}.partial") as f:
+        written = int(f["written"][()].sum())
+    assert 0 < written < 400
+    namespace["job"](out, 400)
+    with LabelMapStore.open(out) as resumed, LabelMapStore.open(reference) as whole:
+        assert resumed.paths == whole.paths
+        assert torch.equal(resumed.values, whole.values)
+        assert torch.equal(resumed.indices, whole.indices)
+
+
+def test_writers_refuse_empty_maps(tmp_path, rows):
+    with pytest.raises(ValueError, match="K, H, W >= 1"):
+        write_labelmaps(tmp_path / "x.h5", rows["values"][:, :, :0], rows["indices"][:, :, :0],
+                        rows["labels"], rows["paths"], CLASSES)
+    with pytest.raises(ValueError, match="height must be an int >= 1"):
+        LabelMapWriter(tmp_path / "x.h5", **writer_args(height=0))
+    assert os.listdir(tmp_path) == []
+
+
+# ---- 2. a store must not change under its reader -----------------------------------------
+
+def test_check_unchanged_tells_a_file_modified_in_place(tmp_path, rows, good_file):
+    other = tmp_path / "other.h5"
+    write_labelmaps(other, **make_rows(seed=1), classes=CLASSES, **PROVENANCE)
+    assert other.stat().st_size == good_file.stat().st_size
+    hour_ago = good_file.stat().st_mtime_ns - 3600 * 10 ** 9
+    for modify in ("cp", "truncate", "touch"):
+        os.utime(good_file, ns=(hour_ago, hour_ago))  # written long before the run
+        with LabelMapStore.open(good_file) as store:
+            store.check_unchanged()
+            if modify == "cp":  # a `cp` of another valid file: same size, other maps
+                with open(other, "rb") as source, open(good_file, "r+b") as target:
+                    target.write(source.read())
+                expected = "contents rewritten"
+            elif modify == "truncate":  # reading the map now would end in SIGBUS
+                os.truncate(good_file, good_file.stat().st_size // 2)
+                expected = f"size {other.stat().st_size} -> "
+            else:
+                os.utime(good_file)
+                expected = "contents rewritten"
+            with pytest.raises(LabelMapError) as error:
+                store.check_unchanged()
+            message = str(error.value)
+            assert message.startswith(f"{good_file}: the label-map file was modified in place "
+                                      f"while in use ({expected}")
+            assert "renaming it onto the old name" in message
+            with pytest.raises(LabelMapError, match="modified in place"):
+                store.validate()
+        write_labelmaps(good_file, **rows, classes=CLASSES, **PROVENANCE)
+
+
+def test_a_store_replaced_by_rename_keeps_reading_the_old_file(tmp_path, rows, good_file):
+    with LabelMapStore.open(good_file) as store:
+        before = store.values.clone()
+        write_labelmaps(good_file, **make_rows(seed=1), classes=CLASSES)  # temporary + rename
+        store.check_unchanged()  # replaced, not modified: the store reads the file it opened
+        assert torch.equal(store.values, before)
+    with pytest.raises(ValueError, match="closed"):
+        store.check_unchanged()
+    built = LabelMapStore(header=read_header(good_file), placement="memory",
+                          values=before, indices=before.long(), labels=torch.zeros(N),
+                          paths=rows["paths"], classes=CLASSES)
+    built.check_unchanged()  # made from tensors: nothing to check
+
+
+def test_the_store_closes_its_file(good_file):
+    def open_files():
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(good_file)
+                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+    before = open_files()
+    for placement in ("mmap", "memory"):
+        with LabelMapStore.open(good_file, placement=placement):
+            assert open_files() > before  # the store's descriptor (and the memory maps')
+        assert open_files() == before
+
+
+# ---- 8. placement="device" without a GPU -------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_placement_without_a_gpu_is_a_named_value_error(good_file):
+    for device in ("cuda", "cuda:0", torch.device("cuda")):
+        with pytest.raises(ValueError, match=r"^device must be an available device: 'cuda(:0)?' "
+                                             r"was asked for but CUDA is not available"):
+            LabelMapStore.open(good_file, placement="device", device=device)
+    with pytest.raises(ValueError, match=r"^device must be a torch device such as 'cuda', "
+                                         r"'cuda:1' or 'cpu', got 'gpu:x'"):
+        LabelMapStore.open(good_file, placement="device", device="gpu:x")
+    with LabelMapStore.open(good_file, placement="device") as store:  # the default: CPU here
+        assert store.values.device.type == "cpu"
+
+
+# ---- 9. one writer per file --------------------------------------------------------------
+
+def test_a_second_writer_of_the_same_file_is_refused(tmp_path, rows):
+    path = tmp_path / "maps.h5"
+    first = LabelMapWriter(path, **writer_args())
+    for other in (path, str(path), tmp_path / "." / "maps.h5"):
+        with pytest.raises(LabelMapError, match=rf"^{path}.partial: another LabelMapWriter of "
+                                                rf"this process is writing it; close that one "
+                                                rf"first"):
+            LabelMapWriter(other, **writer_args())
+    write_some(first, rows, np.arange(N))
+    first.close()
+    assert path.exists()
+    with LabelMapWriter(tmp_path / "again.h5", **writer_args()) as second:  # others are fine
+        with LabelMapWriter(path, **writer_args()):  # and so is the same path once closed
+            pass
+        write_some(second, rows, np.arange(N))
+    abandoned = LabelMapWriter(tmp_path / "dropped.h5", **writer_args())
+    del abandoned  # never closed: its claim goes with it
+    LabelMapWriter(tmp_path / "dropped.h5", **writer_args()).close()
+
+
+# ---- 10. /sizes is checked: integers in [1, 2**31 - 1] -----------------------------------
+
+@pytest.mark.parametrize("value, dtype", [(2 ** 31 + 5, np.int64), (2 ** 32, np.uint64),
+                                          (-3, np.int64), (0, np.int32)])
+def test_sizes_beyond_int32_or_below_one_are_refused(good_file, capsys, value, dtype):
+    sizes = np.full((N, 2), 100, dtype)
+    sizes[4, 1] = value
+    rewrite(good_file, "sizes", sizes)
+    message = (r"dataset /sizes: 1 rows hold a height or width outside \[1, 2147483647\] "
+               rf"\(int32\), found \[{min(100, value)}, {max(100, value)}\], first rows \[4\]")
+    for read in (read_header, LabelMapStore.open, scan_module.scan_file):
+        with pytest.raises(LabelMapError, match=message):
+            read(good_file)
+    for extra in ([], ["--full"]):
+        assert main(["info", str(good_file), *extra]) == 1
+        assert "validation: FAILED" in capsys.readouterr().out
+
+
+def test_add_sizes_refuses_sizes_beyond_int32(good_file):
+    with pytest.raises(ValueError, match=r"sizes: expected image heights and widths >= 1 \(and "
+                                         r"<= 2147483647\), found \[100, 2147483653\]"):
+        writer_module.add_sizes(good_file, np.array([[100, 2 ** 31 + 5]] * N))
+
+
+# ---- 15. `index` of a link rewrites the file it points to --------------------------------
+
+def test_index_follows_a_link_to_a_shared_store(tmp_path, rows, capsys):
+    from PIL import Image
+
+    images, shared = tmp_path / "images", tmp_path / "shared"
+    os.makedirs(shared)
+    for i, path in enumerate(rows["paths"]):
+        os.makedirs(images / os.path.dirname(path), exist_ok=True)
+        Image.new("RGB", (20 + i, 10), (i, 0, 0)).save(images / path, format="JPEG")
+    store = shared / "maps.h5"
+    write_labelmaps(store, **rows, classes=CLASSES)
+    link = tmp_path / "mine.h5"
+    os.symlink(store, link)
+    assert main(["index", str(link), "--images", str(images)]) == 0
+    assert f"{link} (a link; rewrote {store}): stored the (height, width) of {N} images" in (
+        capsys.readouterr().out)
+    assert os.path.islink(link) and os.readlink(link) == str(store)
+    with LabelMapStore.open(store) as opened:
+        assert opened.sizes.tolist() == [[10, 20 + i] for i in range(N)]
+    assert sorted(os.listdir(shared)) == ["maps.h5"] and sorted(os.listdir(tmp_path)) == [
+        "images", "mine.h5", "shared"]
+
+
+def test_index_names_bad_thread_counts(good_file, tmp_path, capsys):
+    assert main(["index", str(good_file), "--images", str(tmp_path), "--num-threads",
+                 "-1"]) == 1
+    assert "error: --num-threads must be an int >= 1, got -1" in capsys.readouterr().err
+
+
+# ---- 16. `info` prints what a file holds without letting it drive the terminal -----------
+
+def test_info_escapes_control_characters(tmp_path, rows, capsys):
+    path = tmp_path / "maps.h5"
+    classes = ["\x1b[31mred", "tab\there", *CLASSES[2:]]
+    write_labelmaps(path, **rows, classes=classes, annotator="\x1b]0;pwned\x07",
+                    **{"new\nline": "bell\x07"})
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\t" not in out
+    assert "first: \\x1b[31mred, tab\\there, n00000002" in out
+    assert "  annotator: \\x1b]0;pwned\\x07\n" in out and "  new\\nline: bell\\x07\n" in out
+
+
+# ---- 5. the metadata is checked against the memory, by its declared size -----------------
+
+INFO_UNDER_ULIMIT = """
+import resource, sys
+from dali_relabel.cli import main
+with open("/proc/self/status") as f:
+    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+limit = size + (768 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(main(["info", sys.argv[1]]))
+"""
+
+
+def test_info_of_a_small_file_declaring_many_rows_says_it_needs_memory(tmp_path):
+    """A 1 MB file of compressed constant rows declaring 2e7 rows: reading its /labels and
+    /paths takes gigabytes, refused in one line under `ulimit -v` (not a MemoryError)."""
+    num_rows, chunk = 2 * 10 ** 7, 10 ** 6
+    path = tmp_path / "many.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format="dali-relabel-labelmaps", version=1, num_classes=C, topk=1,
+                       height=1, width=1, value_kind="logits")
+        datasets = [f.create_dataset(name, shape=shape, dtype=dtype, compression="gzip",
+                                     chunks=(chunk,) + shape[1:])
+                    for name, shape, dtype in (("values", (num_rows, 1, 1, 1), np.float16),
+                                               ("indices", (num_rows, 1, 1, 1), np.int16),
+                                               ("labels", (num_rows,), np.int64),
+                                               ("paths", (num_rows,), "S8"))]
+        for start in range(0, num_rows, chunk):
+            for ds in datasets:  # the same path everywhere: one str object per row once read
+                ds[start:start + chunk] = np.full((chunk,) + ds.shape[1:],
+                                                  b"c0/x.jpg" if ds.name == "/paths" else 0,
+                                                  ds.dtype)
+        f.create_dataset("classes", data=np.array(CLASSES, dtype=object),
+                         dtype=h5py.string_dtype())
+    assert path.stat().st_size < 2 << 20
+    result = run_python(INFO_UNDER_ULIMIT, path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr
+    assert result.stdout.startswith(
+        f"validation: FAILED: {path}: the metadata (/labels, /paths, /classes) of 20000000 "
+        f"rows: reading it needs about "), result.stdout
+    assert result.stdout.count("\n") == 1 and " are available\n" in result.stdout

@@ -282,8 +282,9 @@ def test_seed_fixes_the_bytes(tmp_path):
 ])
 def test_bad_arguments_name_themselves(tmp_path, argument, value):
     kwargs = {**TINY, argument: value}
-    with pytest.raises(ValueError, match=argument):
+    with pytest.raises(ValueError, match=rf"^{argument} must be .*, got ") as error:
         make_synthetic_imagenet(tmp_path / "data", **kwargs)
+    assert str(error.value).endswith(f"got {value!r}")
     assert not os.listdir(tmp_path)
 
 

@@ -7,7 +7,7 @@ import os
 from typing import List, Sequence, Tuple, Union
 
 from dali_relabel._paths import relative_path_problem
-from dali_relabel.files import atomic_path
+from dali_relabel.files import atomic_output, open_input
 
 __all__ = ["read_path_list", "write_bad_list"]
 
@@ -22,6 +22,8 @@ def write_bad_list(path: str, bad: Sequence[Tuple[str, str]]) -> None:
 
     Raises:
         ValueError: A path that the list cannot hold (see `relative_path_problem`).
+        OutputError: Writing failed (e.g. no space left): one line naming the file; the
+            file is left as it was.
     """
     lines = ["# images that failed to decode (dali-relabel verify): path TAB reason; "
              "pass as exclude=\n"]
@@ -30,7 +32,7 @@ def write_bad_list(path: str, bad: Sequence[Tuple[str, str]]) -> None:
         if problem is not None:
             raise ValueError(f"bad: {problem}, found {image!r}")
         lines.append(f"{image}\t{' '.join(reason.split())}\n")
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
 
 
@@ -55,12 +57,13 @@ def read_path_list(exclude: Union[None, str, os.PathLike, Sequence[str]]) -> Lis
         return []
     if not isinstance(exclude, (str, os.PathLike)):
         return [str(path) for path in exclude]
-    try:
-        with open(exclude, encoding="utf-8") as f:
+    # A FIFO is refused, not waited on.
+    with open_input(exclude, argument="exclude", what="path list") as f:
+        try:
             lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"exclude: cannot read the path list {os.fspath(exclude)} "
-                         f"({getattr(e, 'strerror', None) or e})") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"exclude: cannot read the path list {os.fspath(exclude)} "
+                             f"({getattr(e, 'strerror', None) or e})") from e
     paths = []
     for number, line in enumerate(lines, start=1):
         if not line.strip() or line.startswith("#"):

@@ -6,6 +6,7 @@ file with the decoder the loaders use (DALI's, on the CPU, in parallel), and the
 to a list (``path_lists.write_bad_list``) that ``ReLabelLoader(exclude=...)`` and
 ``ValLoader(exclude=...)`` accept.
 """
+import io
 import logging
 import os
 from typing import List, Sequence, Tuple
@@ -14,7 +15,16 @@ import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from dali_relabel import _checks
+from dali_relabel.images.rule import (
+    check_decode_memory,
+    header_of,
+    open_image_file,
+    without_pil_pixel_limit,
+)
 
 
 __all__ = ["verify_images"]
@@ -59,11 +69,39 @@ def _reason(error: Exception) -> str:
     return f"decoding failed: {(detail or lines or [type(error).__name__])[0].rstrip(' :')}"
 
 
+def _read(path: str) -> Tuple[bytes, str]:
+    """The file's bytes, or why it is not a usable image before decoding (the rule of
+    `rule.py`: a regular file, not empty, a format DALI decodes, a declared size that fits
+    in memory); the bytes are then b"". What PIL cannot identify is left to DALI's decoder
+    to judge."""
+    try:
+        with open_image_file(path) as f:
+            data = f.read()
+    except ValueError as error:
+        return b"", str(error).removeprefix(f"{path}: ")
+    except OSError as error:
+        return b"", f"unreadable: {error.strerror or error}"
+    if not data:
+        return b"", "empty file (0 bytes)"
+    try:
+        with without_pil_pixel_limit(), Image.open(io.BytesIO(data)) as image:
+            check_decode_memory(header_of(path, image))
+    except ValueError as error:
+        return b"", str(error).removeprefix(f"{path}: ")
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError):
+        pass  # not identified by its header: DALI's decoding says what it is
+    return data, ""
+
+
 def verify_images(image_root: str, paths: Sequence[str], *, batch_size: int = 64,
                   num_threads: int = 2, decoder_device: str = "cpu",
                   adjust_orientation: bool = False,
                   progress: bool = True) -> List[Tuple[str, str]]:
     """Decode every image; return the bad ones as (relative path, reason).
+
+    Every file is first held to the rule every tool applies (`rule.py`: a regular file,
+    not empty, a format the decoder decodes, a declared size that fits in memory), then
+    decoded by DALI.
 
     Args:
         image_root: Folder the paths are relative to.
@@ -75,25 +113,18 @@ def verify_images(image_root: str, paths: Sequence[str], *, batch_size: int = 64
         adjust_orientation: Decode as a loader with this setting would.
         progress: Show a progress bar.
     """
-    if batch_size < 1 or num_threads < 1:
-        raise ValueError(f"batch_size and num_threads must be >= 1, got {batch_size}, "
-                         f"{num_threads}")
-    if decoder_device not in ("cpu", "mixed"):
-        raise ValueError(f"decoder_device must be 'cpu' or 'mixed', got {decoder_device!r}")
+    _checks.check_int("batch_size", batch_size, 1)
+    _checks.check_int("num_threads", num_threads, 1)
+    _checks.check_choice("decoder_device", decoder_device, ("cpu", "mixed"))
     decoder = _Decoder(batch_size, num_threads, decoder_device, adjust_orientation)
     bad: List[Tuple[str, str]] = []
     bar = tqdm(total=len(paths), desc="verify", unit="img", disable=not progress)
     for start in range(0, len(paths), batch_size):
         batch, buffers = [], []
         for path in paths[start:start + batch_size]:
-            try:
-                with open(os.path.join(image_root, path), "rb") as f:
-                    data = f.read()
-            except OSError as error:
-                bad.append((path, f"unreadable: {error.strerror or error}"))
-                continue
-            if not data:
-                bad.append((path, "empty file (0 bytes)"))
+            data, problem = _read(os.path.join(image_root, path))
+            if problem:
+                bad.append((path, problem))
                 continue
             batch.append(path)
             buffers.append(np.frombuffer(data, dtype=np.uint8))

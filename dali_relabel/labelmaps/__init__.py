@@ -1,13 +1,18 @@
 """The label-map file: one HDF5 file of top-k ReLabel label maps (format version 1).
 
-``LabelMapStore.open`` validates and places a file (memory-mapped, in memory, pinned or on
-the GPU); ``write_labelmaps`` and ``LabelMapWriter`` write one; ``read_header`` validates the
-metadata alone; ``add_sizes`` records the images' sizes. docs/labelmaps.md describes the
-format.
+One module per job: ``format`` defines the file and validates it when opened
+(``read_header``, ``read_paths``, ``open_h5``, ``LabelMapError``); ``writer`` writes one
+(``write_labelmaps``, the resumable ``LabelMapWriter``, ``add_sizes`` for the images'
+sizes), through ``rows``' checks of what a row may hold; ``store`` places one for the
+loaders (``LabelMapStore``: memory-mapped, in memory, pinned or on the GPU); ``scan`` reads
+every row (``scan_file``). docs/labelmaps.md describes the format.
 """
-from dali_relabel.labelmaps.store import (PLACEMENTS, LabelMapError, LabelMapStore,
-                                          LabelMapWriter, add_sizes, read_header,
-                                          write_labelmaps)
+from dali_relabel.labelmaps.format import (FORMAT, VERSION, DatasetLayout, LabelMapError,
+                                           LabelMapHeader, open_h5, read_header, read_paths)
+from dali_relabel.labelmaps.scan import scan_file
+from dali_relabel.labelmaps.store import PLACEMENTS, LabelMapStore
+from dali_relabel.labelmaps.writer import LabelMapWriter, add_sizes, write_labelmaps
 
-__all__ = ["PLACEMENTS", "LabelMapError", "LabelMapStore", "LabelMapWriter", "add_sizes",
-           "read_header", "write_labelmaps"]
+__all__ = ["FORMAT", "PLACEMENTS", "VERSION", "DatasetLayout", "LabelMapError",
+           "LabelMapHeader", "LabelMapStore", "LabelMapWriter", "add_sizes", "open_h5",
+           "read_header", "read_paths", "scan_file", "write_labelmaps"]

@@ -477,6 +477,7 @@ class ReLabelLoader:
             whole = self._batches_done == len(self)
             self._epoch, self._batches_done = self._epoch + 1, 0
         self._running, self._resuming = True, False
+        self.store.check_unchanged()  # a store rewritten in place is refused, by name
         # The decoder has started the next epoch already, unless this one resumes or the
         # last one was left before its end.
         ahead = self._decoder.ahead(self._epoch) if whole and self._batches_done == 0 else None
@@ -489,6 +490,7 @@ class ReLabelLoader:
         self._epoch, self._batches_done, self._running = self._epoch + 1, 0, False
 
     def _batch(self, images: torch.Tensor, batch: EpochPlan):
+        self.store.check_unchanged()  # one fstat; a truncated memory map would be a SIGBUS
         boxes, flips, rows = (torch.from_numpy(a) for a in (batch.boxes, batch.flips,
                                                               batch.rows))
         vflips = None if batch.vflips is None else torch.from_numpy(batch.vflips)

@@ -45,18 +45,20 @@ from torch import nn
 from tqdm import tqdm
 
 import dali_relabel
+from dali_relabel import _checks, _system
 from dali_relabel.files import check_output_path
-from dali_relabel.images.files import open_rgb_image
+from dali_relabel.images.files import find_images, open_rgb_image
+from dali_relabel.images.path_lists import read_path_list
+from dali_relabel.labelmaps.store import LabelMapStore
+from dali_relabel.labelmaps.writer import LabelMapWriter
 from dali_relabel.tools.jobs import (
     PARTIAL_SUFFIX,
+    check_complete,
     check_resumable,
     default_workers,
     unwritten_rows,
     utc_now,
 )
-from dali_relabel.images.files import find_images
-from dali_relabel.labelmaps.store import LabelMapStore, LabelMapWriter
-from dali_relabel.images.path_lists import read_path_list
 
 __all__ = ["FullyConvolutionalAnnotator", "annotate", "load_classifier"]
 
@@ -70,6 +72,11 @@ BARRIER_TIMEOUT = datetime.timedelta(days=7)
 HEAD_TOLERANCE = 1e-3
 _MERGE_ROWS = 8192
 _HASH_BLOCK = 1 << 20
+# Bounds of the sizes: beyond them a batch of images, or the maps, would not fit anywhere.
+MAX_INPUT_SIZE = 4096
+MAX_MAP_SIZE = 1024
+# A batch of float32 images is held twice (the loader's and the device's copy).
+_BATCH_COPIES = 2
 
 
 def load_classifier(
@@ -314,21 +321,29 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device: {e}") from e
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be 'cuda' (or 'cuda:N') or 'cpu', got {device!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device: 'cuda' but CUDA is not available; pass device='cpu'")
+            raise ValueError(f"device must be an available device: {str(device)!r} was asked "
+                             f"for but CUDA is not available (no NVIDIA GPU or driver); pass "
+                             f"device='cpu'")
         if device.index is None:  # under torchrun: this process's GPU
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     elif device.type != "cpu":
-        raise ValueError(f"device: expected 'cuda' or 'cpu', found {str(device)!r}")
+        raise ValueError(f"device must be 'cuda' (or 'cuda:N') or 'cpu', got {str(device)!r}")
     return device
 
 
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, found {value!r}")
+def _check_batch_memory(input_size: int, batch_size: int) -> None:
+    """Refuses a batch of input images that cannot fit in memory, before the model loads."""
+    need = _BATCH_COPIES * batch_size * 3 * input_size * input_size * 4
+    available = _system.available_memory()
+    if need > available:
+        raise ValueError(f"input_size must fit a batch in memory: {batch_size} images of "
+                         f"{input_size} x {input_size} need about "
+                         f"{_system.format_bytes(need)}, {_system.format_bytes(available)} "
+                         f"are available; lower input_size or batch_size")
 
 
 def annotate(
@@ -358,12 +373,14 @@ def annotate(
 
     Args:
         image_root: ImageFolder root (one folder per class).
-        out: The label-map file to write; must not exist yet.
+        out: The label-map file to write; must not exist yet, unless an earlier run of the
+            same job (same images and settings) completed it: then nothing is done.
         model: timm model name; its head must be global average pooling + linear.
         checkpoint: Weights of the model (exclusive with `pretrained`).
         pretrained: Use timm's pretrained weights (timm downloads them).
-        input_size: Side the whole image is resized to (default: 475, as in the paper).
-        map_size: Side of the stored maps (default: 15).
+        input_size: Side the whole image is resized to, 1 to 4096 (default: 475, as in the
+            paper).
+        map_size: Side of the stored maps, 1 to 1024 (default: 15).
         topk: Classes kept per cell (default: 5).
         batch_size: Images per forward pass.
         num_workers: Image-loading processes (default: this process's share of the CPUs,
@@ -382,16 +399,18 @@ def annotate(
             partial run made with other settings.
         FileNotFoundError: image_root is not a directory.
     """
-    for name, value in (("input_size", input_size), ("map_size", map_size), ("topk", topk),
-                        ("batch_size", batch_size)):
-        _check_positive(name, value)
+    _checks.check_int("input_size", input_size, 1, MAX_INPUT_SIZE)
+    _checks.check_int("map_size", map_size, 1, MAX_MAP_SIZE)
+    _checks.check_int("topk", topk, 1)
+    _checks.check_int("batch_size", batch_size, 1)
     if num_workers is None:
         num_workers = default_workers()
-    elif num_workers < 0:
-        raise ValueError(f"num_workers: expected >= 0, found {num_workers}")
-    image_root, out = os.fspath(image_root), check_output_path(out, argument="out")
-    if os.path.exists(out):
-        raise ValueError(f"out: {out} exists; remove it or choose another path")
+    _checks.check_int("num_workers", num_workers, 0)
+    _check_batch_memory(input_size, batch_size)
+    image_root = _checks.check_path_arg("image_root", image_root, kind="folder")
+    out = check_output_path(out, argument="out")
+    # Names no image list can hold, and what is not a regular file, are left out here, at
+    # the start (with a warning), as every tool leaves them out.
     paths, folders = find_images(image_root)
     excluded = set(read_path_list(exclude))
     paths = [path for path in paths if path not in excluded]
@@ -419,6 +438,11 @@ def annotate(
                     input_size=input_size, interpolation=str(data["interpolation"]),
                     feature_map=f"{native[0]}x{native[1]}",
                     map_resample=annotator.resampling(*native))
+    if os.path.lexists(out):
+        # An earlier run of this very job finished it (and was stopped before it said so).
+        check_complete(out, paths=paths, identity=identity, argument="out")
+        logger.info("%s: complete from an earlier run of the same job; nothing to do", out)
+        return
     attrs = dict(identity, checkpoint=os.path.abspath(checkpoint) if checkpoint else "",
                  image_root=os.path.abspath(image_root), software=f"dali-relabel "
                  f"{dali_relabel.__version__} annotate")

@@ -31,10 +31,18 @@ import torch
 from tqdm import tqdm
 
 import dali_relabel
+from dali_relabel import _checks
 from dali_relabel.files import check_output_path
-from dali_relabel.tools.jobs import PARTIAL_SUFFIX, check_resumable, default_workers, utc_now
 from dali_relabel.images.files import find_images, read_image_sizes
-from dali_relabel.labelmaps.store import LabelMapWriter
+from dali_relabel.images.rule import file_kind, name_problem
+from dali_relabel.labelmaps.writer import LabelMapWriter
+from dali_relabel.tools.jobs import (
+    PARTIAL_SUFFIX,
+    check_complete,
+    check_resumable,
+    default_workers,
+    utc_now,
+)
 
 __all__ = ["LAYOUTS", "ImportReport", "import_pt", "pt_path"]
 
@@ -53,11 +61,14 @@ class ImportReport:
         rows: Images written (those that have a map).
         images_without_maps: Relative paths of images that have no `.pt` file.
         maps_without_images: Relative paths (under SRC) of `.pt` files with no image.
+        complete_before: Whether an earlier run of the same import had already completed
+            the output (and nothing was written now).
     """
 
     rows: int
     images_without_maps: list[str]
     maps_without_images: list[str]
+    complete_before: bool = False
 
 
 def pt_path(image_path: str) -> str:
@@ -68,13 +79,37 @@ def pt_path(image_path: str) -> str:
 
 
 def _find_maps(src: str) -> set[str]:
+    """The relative paths of the `.pt` files under `src` that are regular files (or links
+    to them) with names an image list can hold; others are skipped with a warning (a FIFO
+    would block torch.load forever)."""
     if not os.path.isdir(src):
         raise ValueError(f"src {src}: not a directory")
-    found = set()
-    for folder, _, files in os.walk(src):
+    found, skipped = set(), []
+
+    def refuse(error: OSError) -> None:
+        raise ValueError(f"src: cannot list the folder {error.filename!r} "
+                         f"({error.strerror or error})") from error
+
+    for folder, _, files in os.walk(src, onerror=refuse):
         relative = os.path.relpath(folder, src).replace(os.sep, "/")
         prefix = "" if relative == "." else f"{relative}/"
-        found.update(prefix + name for name in files if name.endswith(".pt"))
+        for name in files:
+            if not name.endswith(".pt"):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                problem = None if os.path.isfile(path) else (
+                    f"{file_kind(os.stat(path).st_mode)}, not a regular file")
+            except OSError as e:
+                problem = f"cannot tell what it is ({e.strerror or e})"
+            problem = problem or name_problem(prefix + name)
+            if problem:
+                skipped.append(f"{prefix + name!r} ({problem})")
+            else:
+                found.add(prefix + name)
+    if skipped:
+        logger.warning("%s: skipped %d .pt file(s) that cannot be read: %s", src, len(skipped),
+                       _listing(skipped))
     return found
 
 
@@ -98,6 +133,9 @@ def _read_map(path: str, *, layout: str, num_classes: int,
         found = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{path}: expected a tensor [2, K, H, W] (values, class indices), "
                          f"found {found}")
+    if min(tensor.shape[1:]) < 1:
+        raise ValueError(f"{path}: expected a tensor [2, K, H, W] with K, H, W >= 1 (at least "
+                         f"one class per cell), found {list(tensor.shape)}")
     if shape is not None and tuple(tensor.shape[1:]) != shape:
         raise ValueError(f"{path}: expected [2, {shape[0]}, {shape[1]}, {shape[2]}] like the "
                          f"other maps, found {list(tensor.shape)}")
@@ -137,14 +175,15 @@ def import_pt(
     Args:
         src: Root of the `.pt` tree (the extracted relabel_imagenet.tar).
         image_root: The matching ImageFolder root (e.g. ImageNet's train folder).
-        out: The label-map file to write; must not exist yet.
+        out: The label-map file to write; must not exist yet, unless an earlier run of the
+            same import completed it: then nothing is written (`complete_before`).
         layout: "official" (store each map transposed, so that the targets equal the
             official training code's) or "hw" (store as given).
         classes: Class names in the maps' index order. Default: the class folders of
             `image_root` (ImageNet's sorted synsets, the release's order).
         strict: Refuse when an image has no map or a map has no image.
-        num_workers: Threads reading `.pt` files (default: this process's share of the
-            CPUs, at most 8).
+        num_workers: Threads reading `.pt` files, >= 1 (default: this process's share of
+            the CPUs, at most 8).
         progress: Show a progress bar (on a terminal).
 
     Returns:
@@ -155,16 +194,13 @@ def import_pt(
             or an earlier partial import made with other arguments.
         FileNotFoundError: image_root is not a directory.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, found {layout!r}")
+    _checks.check_choice("layout", layout, LAYOUTS)
     if num_workers is None:
         num_workers = default_workers()
-    elif num_workers < 1:
-        raise ValueError(f"num_workers: expected >= 1, found {num_workers}")
-    src, image_root = os.fspath(src), os.fspath(image_root)
+    _checks.check_int("num_workers", num_workers, 1)
+    src = _checks.check_path_arg("src", src, kind="folder")
+    image_root = _checks.check_path_arg("image_root", image_root, kind="folder")
     out = check_output_path(out, argument="out")
-    if os.path.exists(out):
-        raise ValueError(f"out: {out} exists; remove it or choose another path")
     maps = _find_maps(src)
     images, folders = find_images(image_root)
     names = list(classes) if classes is not None else folders
@@ -206,6 +242,11 @@ def import_pt(
                          f"{files[0]} is {height} x {width}; use --layout hw")
     identity = dict(source="naver-ai/relabel_imagenet .pt", layout=layout,
                     source_dir=os.path.abspath(src))
+    if os.path.lexists(out):
+        # An earlier run of this very import finished it (and was stopped before it said so).
+        check_complete(out, paths=matched, identity=identity, argument="out")
+        logger.info("%s: complete from an earlier run of the same import; nothing to do", out)
+        return dataclasses.replace(report, complete_before=True)
     earlier = check_resumable(out + PARTIAL_SUFFIX, paths=matched, identity=identity)
     date = earlier["date"] if earlier and "date" in earlier else utc_now()
     # The images' sizes (from their headers) go to /sizes, for the loaders' crop planning.

@@ -16,10 +16,20 @@ from typing import Any
 
 import numpy as np
 
-from dali_relabel.labelmaps.store import LabelMapError, open_h5
+from dali_relabel._system import cpu_share
+from dali_relabel.files import open_input
+from dali_relabel.labelmaps.format import (
+    H5_ERRORS,
+    WRITTEN,
+    LabelMapError,
+    dataset,
+    open_h5,
+    plain,
+    read_header,
+)
 
-__all__ = ["PARTIAL_SUFFIX", "check_resumable", "default_workers", "read_name_list",
-           "unwritten_rows", "utc_now"]
+__all__ = ["PARTIAL_SUFFIX", "check_complete", "check_resumable", "default_workers",
+           "read_name_list", "unwritten_rows", "utc_now"]
 
 # LabelMapWriter keeps an unfinished file at f"{path}{PARTIAL_SUFFIX}".
 PARTIAL_SUFFIX = ".partial"
@@ -35,8 +45,7 @@ def utc_now() -> str:
 def default_workers() -> int:
     """Loading workers for this process: its share of the CPUs (torchrun's local processes
     split them), at most 8."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0)) // max(1, local_world)))
+    return cpu_share(_MAX_WORKERS)
 
 
 def read_name_list(path: str | os.PathLike, *, argument: str) -> list[str]:
@@ -50,14 +59,15 @@ def read_name_list(path: str | os.PathLike, *, argument: str) -> list[str]:
     Raises:
         ValueError: The file is missing, unreadable or lists no names.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
+    with open_input(path, argument=argument) as f:  # a FIFO is refused, not waited on
+        try:
             names = [line.strip() for line in f]
-    except OSError as e:
-        raise ValueError(f"{argument} {path}: cannot read the file ({e.strerror or e})") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{argument}: cannot read the file {path} "
+                             f"({getattr(e, 'strerror', None) or e})") from e
     names = [name for name in names if name and not name.startswith("#")]
     if not names:
-        raise ValueError(f"{argument} {path}: the file lists no names")
+        raise ValueError(f"{argument}: the file {path} lists no names")
     return names
 
 
@@ -90,10 +100,10 @@ def check_resumable(
     restart = f"delete {path} to start again, or rerun with the earlier settings"
     with open_h5(path) as f:  # a lock held by another process is reported as such
         try:
-            attrs = {key: _plain(value) for key, value in f.attrs.items()}
-            stored = f["paths"].asstr()[()]
-            written = _written(f, len(stored))
-        except (OSError, KeyError) as e:
+            attrs = {key: plain(value) for key, value in f.attrs.items()}
+            stored = dataset(f, path, "paths").asstr()[()]  # in the file: no link followed
+            written = _written(f, path, len(stored))
+        except H5_ERRORS as e:
             raise LabelMapError(f"{path}: cannot read the file left by an earlier run ({e}); "
                                 f"delete it to start again") from e
     changed = [f"{key}={attrs.get(key)!r} (now {value!r})" for key, value in identity.items()
@@ -130,23 +140,36 @@ def unwritten_rows(path: str | os.PathLike, num_rows: int) -> np.ndarray:
         return np.arange(num_rows)
     with open_h5(path) as f:
         try:
-            return np.flatnonzero(~_written(f, num_rows))
-        except (OSError, KeyError) as e:
+            return np.flatnonzero(~_written(f, path, num_rows))
+        except H5_ERRORS as e:
             raise LabelMapError(f"{path}: cannot read the file left by an earlier run ({e}); "
                                 f"delete it to start again") from e
 
 
-def _written(f: Any, num_rows: int) -> np.ndarray:
+def _written(f: Any, path: str, num_rows: int) -> np.ndarray:
     """The /written mask of an open file (all True for a finished file), as bool [N]."""
-    if "written" not in f:
+    if WRITTEN not in f:
         return np.ones(num_rows, dtype=bool)
-    written = f["written"]
+    written = dataset(f, path, WRITTEN)
     if written.shape != (num_rows,):
         raise KeyError(f"/written holds {written.shape} rows, expected ({num_rows},)")
     return written[()].astype(bool)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        value = value.item()
-    return value.decode("utf-8") if isinstance(value, bytes) else value
+def check_complete(path: str | os.PathLike, *, paths: Sequence[str],
+                   identity: dict[str, str | int | float], argument: str) -> None:
+    """Checks that `path`, which exists, is the finished output of this very job: a valid,
+    complete label-map file of the same images, made the same way. A job killed after its
+    output was renamed into place, but before it said so, is then complete when rerun.
+
+    Raises:
+        ValueError: `path` is something else ("{argument}: {path} exists ..."); the message
+            says why and to remove it.
+    """
+    path = os.fspath(path)
+    try:
+        check_resumable(path, paths=paths, identity=identity)
+        read_header(path)  # valid, and every row written
+    except ValueError as e:
+        raise ValueError(f"{argument}: {path} exists and is not the finished output of this "
+                         f"job ({e}); remove it or choose another path") from e

@@ -27,11 +27,13 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from dali_relabel.files import atomic_path, check_output_path
+from dali_relabel import _checks
+from dali_relabel.files import atomic_output, check_output_path
 from dali_relabel.images.files import open_rgb_image
+from dali_relabel.labelmaps.format import read_header
+from dali_relabel.labelmaps.store import LabelMapStore
 from dali_relabel.loading.train_loader import ReLabelLoader
 from dali_relabel.ops.label_pooling import label_pooling
-from dali_relabel.labelmaps.store import LabelMapStore, read_header
 
 __all__ = ["ShownLabelMap", "show_labelmap"]
 
@@ -40,6 +42,10 @@ HEATMAP_CLASSES = 2
 _CROP_PIXELS = 160
 _COLORS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf")
 _NAME_CHARS = 32
+MAX_CROPS = 8
+# The image is drawn at most this many pixels on its longer side: the figure shows it a
+# few hundred pixels wide, and drawing a 13500 x 13500 image whole takes gigabytes.
+_DRAWN_PIXELS = 1200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +116,16 @@ def _box_crop(image: Image.Image, box: torch.Tensor) -> np.ndarray:
 
 
 def _check_box(box: Sequence[float]) -> torch.Tensor:
-    box = [float(v) for v in box]
-    if len(box) != 4 or not (0.0 <= box[0] < box[2] <= 1.0 and 0.0 <= box[1] < box[3] <= 1.0):
-        raise ValueError(f"box: expected x1 y1 x2 y2 with 0 <= x1 < x2 <= 1 and "
-                         f"0 <= y1 < y2 <= 1, found {box}")
-    return torch.tensor([box], dtype=torch.float32)
+    return torch.tensor([_checks.check_box("box", box)], dtype=torch.float32)
+
+
+def _drawn(image: Image.Image) -> Image.Image:
+    """The image as drawn: at most _DRAWN_PIXELS on its longer side."""
+    if max(image.size) <= _DRAWN_PIXELS:
+        return image
+    drawn = image.copy()
+    drawn.thumbnail((_DRAWN_PIXELS, _DRAWN_PIXELS), Image.BILINEAR)
+    return drawn
 
 
 def show_labelmap(
@@ -136,28 +147,31 @@ def show_labelmap(
         out: PNG file to write.
         box: One crop (x1, y1, x2, y2), normalized; default: `num_crops` random crops made
             by ReLabelLoader (RandomResizedCrop, flips).
-        num_crops: Number of random crops when no box is given (default: 3).
-        seed: Seed of the random crops (default: 0).
+        num_crops: Number of random crops when no box is given, 1 to 8 (default: 3).
+        seed: Seed of the random crops, >= 0 (default: 0).
 
     Returns:
         The numbers drawn.
 
     Raises:
-        ValueError: A bad argument (named).
+        ValueError: A bad argument (named); an image that is not a usable image file or
+            does not fit in memory (checked from its header, before decoding).
         LabelMapError: The label-map file is invalid.
+        OutputError: Writing the PNG failed (e.g. no space left), in one line.
     """
-    labelmaps, image_root = os.fspath(labelmaps), os.fspath(image_root)
+    labelmaps = _checks.check_path_arg("labelmaps", labelmaps, kind="label-map file")
+    image_root = _checks.check_path_arg("image_root", image_root, kind="folder")
     out = check_output_path(out, argument="out")
-    if isinstance(num_crops, bool) or not isinstance(num_crops, int) or not 1 <= num_crops <= 8:
-        raise ValueError(f"num_crops: expected 1 to 8, found {num_crops!r}")
+    _checks.check_int("num_crops", num_crops, 1, MAX_CROPS)
+    _checks.check_int("seed", seed, 0, 2 ** 63 - 1)
     boxes = None if box is None else _check_box(box)
     placement = "mmap" if read_header(labelmaps).mmappable else "memory"
     with LabelMapStore.open(labelmaps, placement=placement) as store:
         shown, image, crops, names = _compute(store, index, image_root, boxes=boxes,
                                               num_crops=num_crops, seed=seed)
     label_name = names[shown.label] if shown.label >= 0 else "unknown"
-    _draw(shown, image, crops, names, out, title=f"{os.path.basename(labelmaps)} row {index}: "
-          f"{shown.path} (label: {label_name})")
+    _draw(shown, _drawn(image), crops, names, out,
+          title=f"{os.path.basename(labelmaps)} row {index}: {shown.path} (label: {label_name})")
     return shown
 
 
@@ -166,9 +180,10 @@ def _compute(store: LabelMapStore, index: int, image_root: str, *,
              seed: int) -> tuple[ShownLabelMap, Image.Image, np.ndarray, list[str]]:
     """The numbers to draw, the image, the crops' pixels and the class names to show."""
     labelmaps = store.path
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(store):
-        raise ValueError(f"index: expected a row in [0, {len(store)}) of {labelmaps}, found "
-                         f"{index!r}")
+    try:
+        _checks.check_int("index", index, 0, len(store) - 1)
+    except ValueError as e:
+        raise ValueError(f"{e} ({labelmaps} has {len(store)} rows)") from None
     path = store.paths[index]
     # No EXIF orientation, as the loaders read it; any size, as they decode it.
     image = open_rgb_image(os.path.join(image_root, path))
@@ -263,5 +278,5 @@ def _draw(shown: ShownLabelMap, image: Image.Image, crops: np.ndarray, names: li
         ax.set_title(f"crop {i + 1} target, top-{len(classes)} (box x1 y1 x2 y2 = {x1:.2f} "
                      f"{y1:.2f} {x2:.2f} {y2:.2f})", fontsize=10, color=color)
         ax.set_xlabel("probability", fontsize=9)
-    with atomic_path(out) as tmp:
+    with atomic_output(out) as tmp:
         fig.savefig(tmp, dpi=90, format="png")

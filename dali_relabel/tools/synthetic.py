@@ -34,7 +34,7 @@ covering a fraction f of an object gives it logit 10 f; a crop of background alo
 uniform target. Pooled over the whole image (the mean of the cells) the largest logit is the
 original label's whenever topk >= 4 (the default is 5), so "global_single" targets equal
 "original" ones here, as in the paper's factor analysis. The top-k classes of every cell are
-stored (ties broken towards lower class indices), in the HDF5 format of `dali_relabel.labelmaps.store`.
+stored (ties broken towards lower class indices), in the HDF5 format of `dali_relabel.labelmaps`.
 
 Validation: the same generator with its own seed stream; folder = original label; the full
 label set (sorted class indices present in each image) goes to a JSON list of lists in sorted
@@ -62,15 +62,16 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dali_relabel import _checks
+from dali_relabel.files import OutputError, open_input, write_failure
+from dali_relabel.labelmaps.writer import write_labelmaps
 from dali_relabel.tools.jobs import utc_now
-from dali_relabel.labelmaps.store import write_labelmaps
 
 __all__ = [
     "COLOURS",
@@ -143,7 +144,7 @@ class SyntheticDataset:
         train_root: ImageFolder of the training JPEGs (folder = original label's class).
         val_root: ImageFolder of the validation JPEGs (folder = original label's class).
         labelmaps: HDF5 label-map file of the training images, /paths relative to
-            train_root (dali_relabel.labelmaps.store format).
+            train_root (dali_relabel.labelmaps format).
         real_labels: JSON list of lists of class indices (every class in the image, sorted),
             one per validation image in sorted file-name order (the same as the sorted
             relative-path, ImageFolder, order), as the public ReaL labels are.
@@ -183,7 +184,7 @@ def class_names(num_classes: int) -> list[str]:
     Raises:
         ValueError: num_classes out of range.
     """
-    _check_int("num_classes", num_classes, 2, MAX_CLASSES)
+    _checks.check_int("num_classes", num_classes, 2, MAX_CLASSES)
     width = max(2, len(str(num_classes - 1)))
     colours = list(COLOURS)
     return [f"c{i:0{width}d}_{colours[i % len(colours)]}_{TEXTURES[i % len(TEXTURES)]}_"
@@ -198,40 +199,6 @@ def default_cache_dir() -> str:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         base = os.path.join(xdg, "dali-relabel")
     return os.path.join(base, "synthetic")
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}: expected an int, found {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}: expected an int {bounds}, found {value!r}")
-
-
-def _check_image_size(image_size: Any) -> tuple[int, int]:
-    if (not isinstance(image_size, Sequence) or len(image_size) != 2
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                       for v in image_size)
-            or not MIN_IMAGE_SIDE <= image_size[0] <= image_size[1]):
-        raise ValueError(f"image_size: expected (min, max) side lengths in pixels with "
-                         f"{MIN_IMAGE_SIDE} <= min <= max, found {image_size!r}")
-    return int(image_size[0]), int(image_size[1])
-
-
-def _check_pair(name: str, value: Any, kind: type, low: float,
-                high: float | None) -> tuple[Any, Any]:
-    """(min, max) of `kind` with low <= min <= max <= high (low excluded for floats)."""
-    numbers = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
-    if (isinstance(value, Sequence) and len(value) == 2
-            and all(isinstance(v, numbers) and not isinstance(v, bool) for v in value)):
-        first, second = kind(value[0]), kind(value[1])
-        above = first >= low if kind is int else first > low
-        if above and first <= second and (high is None or second <= high):
-            return first, second
-    bounds = f"{low} <= min" if kind is int else f"{low} < min"
-    bounds += " <= max" if high is None else f" <= max <= {high}"
-    raise ValueError(f"{name}: expected ({kind.__name__} min, {kind.__name__} max) with "
-                     f"{bounds}, found {value!r}")
 
 
 def _cell_weights(pixels: int, cells: int) -> np.ndarray:
@@ -358,8 +325,8 @@ def _dataset(root: str, classes: list[str]) -> SyntheticDataset:
 
 def _read_manifest(root: str) -> dict[str, Any] | None:
     """The manifest of a complete synthetic dataset at root, or None."""
-    try:
-        with open(os.path.join(root, _MANIFEST), encoding="utf-8") as f:
+    try:  # a FIFO named manifest.json is refused, not waited on
+        with open_input(os.path.join(root, _MANIFEST), argument="root") as f:
             manifest = json.load(f)
     except (OSError, ValueError):
         return None
@@ -520,21 +487,23 @@ def make_synthetic_imagenet(
     Raises:
         ValueError: An argument is invalid (the message names it), or `root` exists and is
             neither empty nor a synthetic dataset.
+        OutputError: Writing failed (e.g. no space left): one line naming `root`; nothing
+            is left behind.
     """
-    _check_int("num_classes", num_classes, 2, MAX_CLASSES)
-    _check_int("train_per_class", train_per_class, 1)
-    _check_int("val_per_class", val_per_class, 1)
-    low, high = _check_image_size(image_size)
-    _check_int("map_size", map_size, 1, low)
-    _check_int("topk", topk, 1, num_classes)
-    _check_int("seed", seed, 0)
-    objects = _check_pair("objects", objects, int, 1, None)
+    _checks.check_int("num_classes", num_classes, 2, MAX_CLASSES)
+    _checks.check_int("train_per_class", train_per_class, 1)
+    _checks.check_int("val_per_class", val_per_class, 1)
+    low, high = _checks.check_int_pair("image_size", image_size, MIN_IMAGE_SIDE)
+    _checks.check_int("map_size", map_size, 1, low)
+    _checks.check_int("topk", topk, 1, num_classes)
+    _checks.check_int("seed", seed, 0)
+    objects = _checks.check_int_pair("objects", objects, 1)
     if objects[0] > num_classes:
-        raise ValueError(f"objects: expected a min of at most num_classes = {num_classes} "
-                         f"(the objects of an image have distinct classes), found {objects!r}")
+        raise ValueError(f"objects must be (min, max) with min <= num_classes = {num_classes} "
+                         f"(the objects of an image have distinct classes), got {objects!r}")
     objects = (objects[0], min(objects[1], num_classes))
-    main_side = _check_pair("main_side", main_side, float, 0.0, 1.0)
-    other_side = _check_pair("other_side", other_side, float, 0.0, 1.0)
+    main_side = _checks.check_range("main_side", main_side, 0.0, 1.0)
+    other_side = _checks.check_range("other_side", other_side, 0.0, 1.0)
     params = dict(generator=GENERATOR, generator_version=GENERATOR_VERSION,
                   num_classes=int(num_classes), train_per_class=int(train_per_class),
                   val_per_class=int(val_per_class), image_size=[low, high],
@@ -561,8 +530,10 @@ def make_synthetic_imagenet(
     try:
         seconds = _build(folder, params=params, classes=classes, progress=progress)
         dataset = _install(folder, root, params, classes)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):  # e.g. a full disk
+            raise OutputError(write_failure(root, e)) from e
         raise
     logger.info("synthetic ImageNet at %s: %d training and %d validation images in %d classes, "
                 "generated in %.1f s", root, num_classes * train_per_class,
