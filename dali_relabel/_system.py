@@ -79,3 +79,14 @@ def format_bytes(num_bytes: float) -> str:
         if num_bytes < 1000:
             return f"{num_bytes:.1f} {unit}"
     return f"{num_bytes / 1000:.1f} TB"
+
+
+def local_cuda_index() -> int:
+    """This process's GPU: LOCAL_RANK (modulo the visible GPUs, so that a launcher giving each
+    process one visible GPU works too) when set, else the current one."""
+    import torch
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None:
+        return int(local_rank) % torch.cuda.device_count()
+    return torch.cuda.current_device()

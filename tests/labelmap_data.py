@@ -10,7 +10,7 @@ import torch
 KILLED_AFTER_TWO_WRITES = textwrap.dedent("""
     import os, signal, sys
     from dali_relabel.cli import main
-    from dali_relabel.labelmaps.store import LabelMapWriter
+    from dali_relabel.labelmaps import LabelMapWriter
 
     write, calls = LabelMapWriter.write, []
 

@@ -895,3 +895,14 @@ def test_a_store_changed_under_the_loader_is_named_not_a_crash(dataset, tmp_path
     with pytest.raises(dali_relabel.LabelMapError, match=f"{path}: the label-map file was "
                                                          "modified in place"):
         next(batches)
+
+
+def test_a_bare_cuda_is_local_ranks_gpu_modulo_the_visible_ones(monkeypatch):
+    """The rule every GPU user of the package follows (loaders, annotate, verify): under a
+    launcher that shows each process one GPU, LOCAL_RANK 3 is that GPU, not a missing one."""
+    from dali_relabel import _system
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _system.local_cuda_index() == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _system.local_cuda_index() == 1

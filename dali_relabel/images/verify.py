@@ -18,7 +18,7 @@ from nvidia.dali import pipeline_def
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from dali_relabel import _checks
+from dali_relabel import _checks, _system
 from dali_relabel.images.rule import (
     check_decode_memory,
     header_of,
@@ -45,7 +45,8 @@ class _Decoder:
     def __init__(self, batch_size: int, num_threads: int, decoder_device: str,
                  adjust_orientation: bool) -> None:
         self._args = dict(batch_size=batch_size, num_threads=num_threads,
-                          device_id=0 if decoder_device == "mixed" else None,
+                          device_id=(_system.local_cuda_index() if decoder_device == "mixed"
+                                     else None),
                           decoder_device=decoder_device, adjust_orientation=adjust_orientation)
         self._pipe = None
 
@@ -108,8 +109,9 @@ def verify_images(image_root: str, paths: Sequence[str], *, batch_size: int = 64
         paths: Relative image paths ('/' separated), e.g. a store's /paths.
         batch_size: Files decoded per DALI batch.
         num_threads: DALI decoding threads.
-        decoder_device: "cpu", or "mixed" to decode on the GPU (device 0) as GPU training
-            does; the two decoders can disagree on marginal files.
+        decoder_device: "cpu", or "mixed" to decode on this process's GPU (LOCAL_RANK's,
+            as the loaders) as GPU training does; the two decoders can disagree on marginal
+            files.
         adjust_orientation: Decode as a loader with this setting would.
         progress: Show a progress bar.
     """

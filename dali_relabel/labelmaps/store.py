@@ -9,9 +9,6 @@ one beside it and renaming it onto the old name (as `dali-relabel index` and the
 do); running jobs then keep reading the old file. A file modified in place (truncated,
 rewritten, a `cp` onto it) changes what a memory map reads, and a truncated one ends the
 process with SIGBUS at the next read beyond its end: `LabelMapStore.check_unchanged` tells.
-
-`LabelMapError`, `read_header`, `LabelMapWriter` and `write_labelmaps` are importable from
-here too, as before the package was split by job (`format`, `writer`, `store`, `scan`).
 """
 from __future__ import annotations
 
@@ -36,16 +33,8 @@ from dali_relabel.labelmaps.format import (
     read_header_and_paths,
 )
 from dali_relabel.labelmaps.scan import scan_rows
-from dali_relabel.labelmaps.writer import LabelMapWriter, write_labelmaps
 
-__all__ = [
-    "PLACEMENTS",
-    "LabelMapError",
-    "LabelMapStore",
-    "LabelMapWriter",
-    "read_header",
-    "write_labelmaps",
-]
+__all__ = ["PLACEMENTS", "LabelMapStore"]
 
 PLACEMENTS = ("mmap", "memory", "pinned", "device")
 # cudaHostRegisterDefault: with unified addressing (every 64-bit platform CUDA supports) the

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dali_relabel import _checks, _transfer
+from dali_relabel import _checks, _system, _transfer
 
 __all__ = ["EpochSampler", "LoaderDataset", "check_epoch", "check_mean_std",
            "dali_image_dtype", "finish_images", "resolve_device", "resolve_shard"]
@@ -89,11 +89,7 @@ def resolve_device(device: str | torch.device) -> tuple[torch.device, int | None
         raise ValueError(f"device must be 'cuda' or 'cpu', got {str(device)!r}")
     if not torch.cuda.is_available():
         raise ValueError("device='cuda' but CUDA is not available; pass device='cpu'")
-    index = device.index
-    if index is None:
-        local_rank = os.environ.get("LOCAL_RANK")
-        index = (int(local_rank) % torch.cuda.device_count() if local_rank is not None
-                 else torch.cuda.current_device())
+    index = device.index if device.index is not None else _system.local_cuda_index()
     return torch.device("cuda", index), index
 
 

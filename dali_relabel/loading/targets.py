@@ -17,7 +17,7 @@ import torch
 from dali_relabel import _transfer
 from dali_relabel.ops.label_pooling import label_pooling
 from dali_relabel.ops.sparse_targets import SparseTargets, class_dtype, sparse_label_pooling
-from dali_relabel.labelmaps.store import LabelMapStore
+from dali_relabel.labelmaps import LabelMapStore
 
 __all__ = ["LABEL_MODES", "TargetMaker"]
 

@@ -25,7 +25,7 @@ from dali_relabel._system import cpu_share
 from dali_relabel.augment.augmentations import Augmentations
 from dali_relabel.images.files import check_image_files, read_image_sizes
 from dali_relabel.images.path_lists import read_path_list
-from dali_relabel.labelmaps.store import LabelMapStore, read_header
+from dali_relabel.labelmaps import LabelMapStore, read_header
 from dali_relabel.loading.common import (EpochSampler, LoaderDataset, check_epoch,
                                          check_mean_std, dali_image_dtype, finish_images,
                                          resolve_device, resolve_shard)

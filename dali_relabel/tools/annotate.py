@@ -49,7 +49,7 @@ from dali_relabel import _checks, _system
 from dali_relabel.files import check_output_path
 from dali_relabel.images.files import find_images, open_rgb_image
 from dali_relabel.images.path_lists import read_path_list
-from dali_relabel.labelmaps.store import LabelMapStore
+from dali_relabel.labelmaps import LabelMapStore
 from dali_relabel.labelmaps.writer import LabelMapWriter
 from dali_relabel.tools.jobs import (
     PARTIAL_SUFFIX,
@@ -329,7 +329,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
                              f"for but CUDA is not available (no NVIDIA GPU or driver); pass "
                              f"device='cpu'")
         if device.index is None:  # under torchrun: this process's GPU
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            device = torch.device("cuda", _system.local_cuda_index())
     elif device.type != "cpu":
         raise ValueError(f"device must be 'cuda' (or 'cuda:N') or 'cpu', got {str(device)!r}")
     return device

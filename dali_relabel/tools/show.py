@@ -31,7 +31,7 @@ from dali_relabel import _checks
 from dali_relabel.files import atomic_output, check_output_path
 from dali_relabel.images.files import open_rgb_image
 from dali_relabel.labelmaps.format import read_header
-from dali_relabel.labelmaps.store import LabelMapStore
+from dali_relabel.labelmaps import LabelMapStore
 from dali_relabel.loading.train_loader import ReLabelLoader
 from dali_relabel.ops.label_pooling import label_pooling
 
