@@ -260,3 +260,36 @@ def test_reruns_and_thread_counts_are_bit_identical(mode):
         torch.set_num_threads(threads)
     for run in runs[1:]:
         assert torch.equal(run, runs[0])
+
+
+# Degenerate shapes are refused by both entry points, with and without the data checks.
+def pooling_args(k=2, h=3, w=3, **changes):
+    args = dict(values=torch.randn(2, k, h, w), indices=torch.zeros(2, k, h, w, dtype=torch.long),
+                boxes=torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.2, 0.2, 0.8, 0.9]]),
+                num_classes=5)
+    args.update(changes)
+    return args
+
+
+POOLING_CASES = [
+    pytest.param(pooling_args(h=0), "K, H, W >= 1", id="H-0"),
+    pytest.param(pooling_args(w=0), "K, H, W >= 1", id="W-0"),
+    pytest.param(pooling_args(k=0), "K, H, W >= 1", id="K-0"),
+    pytest.param(pooling_args(values=torch.randn(0, 2, 3, 3),
+                              indices=torch.zeros(0, 2, 3, 3, dtype=torch.long),
+                              sample_index=torch.tensor([0, 0])), "at least one row",
+                 id="N-0-with-sample-index"),
+    pytest.param(pooling_args(output_size=2 ** 32), "at most MAX_OUTPUT_SIZE=64",
+                 id="output-size-2-pow-32"),
+    pytest.param(pooling_args(output_size=65), "at most MAX_OUTPUT_SIZE=64",
+                 id="output-size-65"),
+]
+
+
+@pytest.mark.parametrize("args, message", POOLING_CASES)
+@pytest.mark.parametrize("check_inputs", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("op", [label_pooling, reference_label_pooling],
+                         ids=["label_pooling", "reference"])
+def test_label_pooling_refuses_degenerate_shapes(op, check_inputs, args, message):
+    with pytest.raises(ValueError, match=message):
+        op(**args, check_inputs=check_inputs)
