@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -23,8 +22,8 @@ from dali_relabel import LabelMapError, LabelMapStore
 from dali_relabel.cli import main
 from dali_relabel.labelmaps import LabelMapWriter
 from dali_relabel.tools.jobs import read_name_list
+from script_runner import run_code, run_python, start_python
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODEL = "test_resnet"  # timm's 0.4 M-parameter ResNet; stride 32
 SIZE = 128  # input side: a 4 x 4 feature map
@@ -255,8 +254,7 @@ def test_killed_job_resumes_where_it_stopped(images, colour_model, annotated, tm
     args = ["annotate", "--model", MODEL, "--checkpoint", str(checkpoint), "--images",
             str(images), "--out", str(out), "--input-size", str(SIZE), "--device", "cpu",
             "--num-workers", "0", *RUN]
-    result = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_WRITES, *args],
-                            capture_output=True, text=True, timeout=300)
+    result = run_code(KILLED_AFTER_TWO_WRITES, *args, timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     partial = tmp_path / "maps.h5.partial"
     assert not out.exists() and partial.exists()
@@ -288,12 +286,10 @@ def test_killed_job_resumes_where_it_stopped(images, colour_model, annotated, tm
 
 def test_torchrun_ranks_share_the_work(images, colour_model, annotated, tmp_path):
     out = tmp_path / "maps.h5"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "dali_relabel.cli", "annotate", "--model", MODEL, "--checkpoint",
-         str(colour_model[1]), "--images", str(images), "--out", str(out), "--input-size",
-         str(SIZE), "--device", "cpu", "--num-workers", "0", *RUN],
-        capture_output=True, text=True, timeout=300)
+    result = run_python("dali_relabel.cli", "annotate", "--model", MODEL, "--checkpoint",
+                        colour_model[1], "--images", images, "--out", out, "--input-size", SIZE,
+                        "--device", "cpu", "--num-workers", "0", *RUN, module=True, torchrun=2,
+                        timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(tmp_path) == ["maps.h5"]  # the rank parts were merged and removed
     merged, single = LabelMapStore.open(out), LabelMapStore.open(annotated)
@@ -315,10 +311,9 @@ def small_run(images, out, checkpoint, workers):
 def test_rerun_right_after_kill_9_is_not_locked_out_by_workers(images, colour_model, tmp_path):
     out = tmp_path / "maps.h5"
     args = small_run(images, out, colour_model[1], workers=1)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # Not capturing the output: reading it would wait for the orphaned worker as well.
-    killed = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_TWO_WRITES, *args], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = start_python(None, *args, code=KILLED_AFTER_TWO_WRITES,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert killed.wait(timeout=300) == -signal.SIGKILL
     # The killed job's loading worker lives on for a few seconds; it must not hold the file.
     h5py.File(f"{out}.partial", "r+").close()

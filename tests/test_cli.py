@@ -1,9 +1,6 @@
 """The `dali-relabel` command line (dali_relabel.cli) across its commands: outputs checked
 before any work, and every failure one line that names the file and the problem."""
 import os
-import resource
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,20 +9,8 @@ from PIL import Image
 
 import dali_relabel
 from dali_relabel.cli import main
+from script_runner import run_cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = "import sys; from dali_relabel.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-def run_cli(*args, fsize=None, timeout=300):
-    """`dali-relabel ARGS` in a fresh interpreter, with RLIMIT_FSIZE = `fsize` if given
-    (Python ignores SIGXFSZ: a write past the limit fails with EFBIG, as on a full disk)."""
-    def set_limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", RUN, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env,
-                          preexec_fn=set_limit if fsize is not None else None)
 
 
 @pytest.fixture
@@ -81,7 +66,7 @@ def test_verify_out_on_a_full_disk(release, tmp_path):
         (images / "c0" / f"empty_{i:02d}_{'x' * 40}.jpg").write_bytes(b"")
     out = tmp_path / "bad.txt"
     result = run_cli("verify", images, "--out", out, "--num-threads", "1", "--device", "cpu",
-                     fsize=1000)
+                     file_size_limit=1000)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line]
@@ -94,7 +79,7 @@ def test_show_out_on_a_full_disk(release, tmp_path):
     images, _, store = release
     out = tmp_path / "row0.png"
     result = run_cli("show", store, "--images", images, "--index", "0", "--box", "0", "0", "1",
-                     "1", "--out", out, fsize=4000)
+                     "1", "--out", out, file_size_limit=4000)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line]

@@ -4,16 +4,13 @@ skipped with its reason; and as on the borrowed GPU machines, without nvidia.dal
 the compiled CPU kernel, the DALI-free steps pass and the DALI steps are skipped naming DALI
 (where label_pooling falls back to the dense reference, with a one-time warning)."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from script_runner import REPO, run_python
+
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 DALI_FREE = ("kernel_grid", "sparse_targets", "augment_and_mixing", "resnet50_share",
              "kernel_timing", "ddp")
@@ -64,12 +61,10 @@ FALLBACK = textwrap.dedent('''
 ''')
 
 
-def run(*args, cwd, blocked=None, timeout=900):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    if blocked is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(blocked), str(REPO)])
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
+def run(*args, cwd, blocked=None, **options):
+    """run_python with `blocked` (a sitecustomize folder) first on the child's PYTHONPATH."""
+    env = {"PYTHONPATH": str(blocked)} if blocked is not None else None
+    return run_python(*args, cwd=cwd, env=env, timeout=900, **options)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +115,7 @@ def test_cpu_twins_run_every_step(tmp_path):
 
 
 def test_fallback_without_the_compiled_cpu_kernel_warns_once(tmp_path, blocker):
-    result = run("-c", FALLBACK, cwd=tmp_path, blocked=blocker)
+    result = run(None, code=FALLBACK, cwd=tmp_path, blocked=blocker)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "falls back to the dense reference" in result.stdout
     assert "pip install --no-build-isolation -e ." in result.stdout

@@ -5,8 +5,6 @@ import io
 import logging
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,8 +22,8 @@ from dali_relabel.images.files import (
 from dali_relabel.images.path_lists import read_path_list
 from dali_relabel.images.rule import read_image_header
 from dali_relabel.images.verify import verify_images
+from script_runner import run_code
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["c0", "c1"]
 
 
@@ -54,12 +52,6 @@ def tree(tmp_path):
     return root, paths
 
 
-def run_python(code, *args, timeout=120, preexec_fn=None):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, preexec_fn=preexec_fn)
-
-
 def test_find_images_lists_in_image_folder_order(tree):
     root, paths = tree
     (root / "c0" / "notes.txt").write_text("x")
@@ -83,7 +75,7 @@ def test_a_fifo_named_like_an_image_is_skipped_everywhere(tree, tmp_path, caplog
     verify = ("import sys; from dali_relabel.cli import main; "
               "sys.exit(main(['verify', sys.argv[1], '--out', sys.argv[2], '--num-threads', "
               "'1', '--device', 'cpu']))")
-    result = run_python(verify, root, tmp_path / "bad.txt", timeout=120)
+    result = run_code(verify, root, tmp_path / "bad.txt", timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"verified {len(paths)} images" in result.stdout
     assert "skipped: c0/x.JPEG: a FIFO (named pipe), not a regular file" in result.stdout
@@ -248,7 +240,7 @@ def test_the_memory_check_knows_the_address_space_limit(tmp_path):
     """Under `ulimit -v` the declared size is refused before PIL allocates anything."""
     path = tmp_path / "bomb.JPEG"
     path.write_bytes(claiming_jpeg(30000, 30000))
-    result = run_python(DECODE_UNDER_ULIMIT, path)
+    result = run_code(DECODE_UNDER_ULIMIT, path)
     assert result.returncode == 0, result.stderr[-2000:]
     message, grown_kib = result.stdout.splitlines()
     assert message.startswith(f"{path}: the image declares 30000 x 30000 pixels; decoding it "

@@ -3,9 +3,7 @@ targets afterwards equal the official training code's on the official crop coord
 import logging
 import re
 import os
-import resource
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -21,8 +19,8 @@ from dali_relabel import LabelMapStore, label_pooling
 from dali_relabel.cli import main
 from dali_relabel.labelmaps import LabelMapError, LabelMapWriter
 from dali_relabel.tools.jobs import check_resumable
+from script_runner import run_code, start_python
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 C, K, S = 6, 5, 15
 CLASSES = [f"n{c:08d}" for c in range(C)]
@@ -198,16 +196,6 @@ def test_interrupted_import_resumes(release, tmp_path, monkeypatch, caplog, caps
     assert torch.equal(resumed.indices, uninterrupted.indices)
 
 
-def run_python(code, *args, limit=None, timeout=300):
-    """Runs `code` in a fresh interpreter, with RLIMIT_FSIZE = `limit` bytes if given."""
-    def set_limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env,
-                          preexec_fn=set_limit if limit is not None else None)
-
-
 SMALL = (2, 3, 3)  # K, H, W of the small release
 
 
@@ -236,7 +224,7 @@ def test_import_pt_under_a_file_size_limit(small_release, tmp_path):
     args = ["import-pt", str(src), "--images", str(images), "--layout", "hw"]
     assert main([*args, "--out", str(tmp_path / "reference.h5")]) == 0
     out = tmp_path / "maps.h5"
-    limited = run_python(IMPORT, *args, "--out", out, limit=12_000)
+    limited = run_code(IMPORT, *args, "--out", out, file_size_limit=12_000)
     assert limited.returncode == 1, (limited.returncode, limited.stderr[-2000:])
     errors = [line for line in limited.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "no space left" in errors[0], limited.stderr[-2000:]
@@ -261,8 +249,7 @@ def test_a_locked_partial_is_reported_as_locked_not_damaged(small_release, tmp_p
     geometry = dict(num_rows=6, num_classes=2, topk=SMALL[0], height=SMALL[1],
                     width=SMALL[2], classes=["c0", "c1"])
     LabelMapWriter(out, **geometry).close()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, partial], stdout=subprocess.PIPE,
-                              text=True)
+    holder = start_python(None, partial, code=HOLD, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "holding\n"
         attempts = [

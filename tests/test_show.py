@@ -2,8 +2,6 @@
 line's help (every command listed, each with an example)."""
 import io
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +15,8 @@ import dali_relabel._system as system_module
 from dali_relabel import LabelMapStore, reference_label_pooling
 from dali_relabel.cli import main
 from dali_relabel.tools.show import show_labelmap
+from script_runner import run_code
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, K, M = 10, 3, 15
 CLASSES = ImageNetInfo().label_names()[:C]  # WordNet ids: shown with their descriptions
 LEFT, RIGHT = 1, 4  # the class that fills the left / right part of every map
@@ -174,12 +172,9 @@ def test_a_large_image_is_drawn_within_the_memory_limit(tmp_path):
     store = tmp_path / "maps.h5"
     dali_relabel.write_labelmaps(store, np.zeros((1, 2, 4, 4)), np.zeros((1, 2, 4, 4), np.int64),
                                  np.zeros(1, np.int64), [f"{CLASSES[0]}/big.JPEG"], CLASSES)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp_path / "big.png"
-    result = subprocess.run([sys.executable, "-c", SHOW_UNDER_ULIMIT, str(store), "--images",
-                             str(root), "--index", "0", "--box", "0.1", "0.1", "0.5", "0.5",
-                             "--out", str(out)], capture_output=True, text=True, timeout=300,
-                            env=env)
+    result = run_code(SHOW_UNDER_ULIMIT, store, "--images", root, "--index", "0", "--box", "0.1",
+                      "0.1", "0.5", "0.5", "--out", out, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     check_png(out, 1)
 

@@ -2,9 +2,6 @@
 checks on open, the full scan) and of the `dali-relabel info` and `index` commands."""
 import logging
 import os
-import resource
-import subprocess
-import sys
 import textwrap
 import tracemalloc
 
@@ -24,8 +21,8 @@ from dali_relabel.labelmaps import (
     read_header,
     write_labelmaps,
 )
+from script_runner import run_code, run_python
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, K, H, W, C = 12, 3, 4, 5, 10
 PROVENANCE = {"annotator": "resnet-test", "source": "unit test", "epochs": 3, "top1": 80.5}
 
@@ -414,9 +411,7 @@ def test_info_reports_broken_files(good_file, capsys):
 
 
 def test_info_runs_as_module(good_file):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "dali_relabel.cli", "info", str(good_file)],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = run_python("dali_relabel.cli", "info", good_file, module=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"rows (N):     {N}" in result.stdout
     assert "validation: ok (metadata)" in result.stdout
@@ -480,29 +475,16 @@ def test_add_sizes_in_place_keeps_the_maps(good_file, rows):
 def test_add_sizes_interrupted_leaves_the_file_as_it_was(good_file):
     """A file-size limit makes the copy fail part-way: the original stays, no temporary."""
     before = open(good_file, "rb").read()
-    script = (
-        "import resource, signal, numpy as np\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, {len(before) // 2}))\n"
-        "from dali_relabel.labelmaps import add_sizes\n"
-        f"add_sizes({str(good_file)!r}, np.full(({N}, 2), 3))\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    script = ("import sys, numpy as np\n"
+              "from dali_relabel.labelmaps import add_sizes\n"
+              f"add_sizes(sys.argv[1], np.full(({N}, 2), 3))\n")
+    result = run_code(script, good_file, file_size_limit=len(before) // 2)
     assert result.returncode != 0, result.stderr
     assert "no space left" in result.stderr or "File too large" in result.stderr, result.stderr
     assert open(good_file, "rb").read() == before
     assert sorted(os.listdir(os.path.dirname(good_file))) == [os.path.basename(good_file)]
     with pytest.raises(ValueError, match=rf"sizes: expected an integer array \[{N}, 2\]"):
         writer_module.add_sizes(good_file, np.full((N + 1, 2), 3))
-
-
-def run_python(code, *args, limit=None, timeout=300):
-    """Runs `code` in a fresh interpreter, with RLIMIT_FSIZE = `limit` bytes if given."""
-    def set_limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env,
-                          preexec_fn=set_limit if limit is not None else None)
 
 
 # ---- image paths stay inside the image root: refused when written and when opened --------
@@ -694,7 +676,7 @@ def test_full_disk_keeps_the_written_rows_and_the_rerun_completes(tmp_path):
     namespace["job"](reference, 400)
     out = tmp_path / "maps.h5"
     # Room for the maps but not for all the paths (their strings grow the file as written).
-    limited = run_python(WRITER_JOB, out, 400, limit=os.path.getsize(reference) - 20_000)
+    limited = run_code(WRITER_JOB, out, 400, file_size_limit=os.path.getsize(reference) - 20_000)
     assert limited.returncode == 1, limited.stderr[-2000:]
     message = limited.stdout.strip()
     assert "\n" not in message and "no space left" in message and "file-size limit" in message
@@ -915,7 +897,7 @@ def test_info_of_a_small_file_declaring_many_rows_says_it_needs_memory(tmp_path)
         f.create_dataset("classes", data=np.array(CLASSES, dtype=object),
                          dtype=h5py.string_dtype())
     assert path.stat().st_size < 2 << 20
-    result = run_python(INFO_UNDER_ULIMIT, path)
+    result = run_code(INFO_UNDER_ULIMIT, path)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr
     assert result.stdout.startswith(

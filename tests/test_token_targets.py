@@ -1,8 +1,6 @@
 """Token targets end to end: ReLabelLoader(sparse_targets=True) against the dense loader,
 train/run.py's token labeling (--token-targets) on a ViT over the tiny synthetic dataset, and
 benchmarks/token_targets_bench.py on small sizes."""
-import os
-import sys
 
 import pytest
 import torch

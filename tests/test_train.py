@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,12 +14,12 @@ from torch.testing import assert_close
 import timm
 from dali_relabel import ValLoader
 from dali_relabel.tools.synthetic import make_synthetic_imagenet
+from script_runner import REPO, run_python, start_python
 
-TRAIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train")
 import run
 import trainer
 
-RUN = os.path.join(TRAIN_DIR, "run.py")
+RUN = REPO / "train" / "run.py"
 # A resumed epoch's loss against the uninterrupted one's: the same steps in the same order,
 # exactly on the CPU; cuDNN's backward passes may differ in the last bits. Dropping the steps
 # before a kill would move the mean by percents.
@@ -61,10 +60,7 @@ def test_one_epoch_single_process(tiny, tmp_path):
 
 def test_torchrun_two_processes(tiny, tmp_path):
     out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         RUN, *tiny, "--epochs", "1", "--output", str(out)],
-        capture_output=True, text=True, timeout=600)
+    result = run_python(RUN, *tiny, "--epochs", "1", "--output", out, torchrun=2)
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics,) = read_jsonl(out / "metrics.jsonl")  # one record: rank 0 alone writes
     state = torch.load(out / "last.pt", weights_only=False)
@@ -83,9 +79,9 @@ def test_torchrun_two_processes(tiny, tmp_path):
         "Trained resnet10t") == 1
 
 
-def start(args, **kwargs):
-    return subprocess.Popen([sys.executable, RUN, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+def start(args, torchrun=0):
+    return start_python(RUN, *args, torchrun=torchrun, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_steps(trace, count, process, timeout=180):
@@ -166,11 +162,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny, tmp_path
     # 12 steps per rank and no progress sync before the epoch's end (--log-every 1000): only
     # the per-step vote can stop the ranks mid-epoch.
     trace, out = tmp_path / "trace.jsonl", tmp_path / "one"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         RUN, *tiny, "--batch-size", "2", "--log-every", "1000", "--epochs", "1",
-         "--output", str(out), "--trace-samples", str(trace)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start([*tiny, "--batch-size", "2", "--log-every", "1000", "--epochs", "1",
+                     "--output", str(out), "--trace-samples", str(trace)], torchrun=2)
     wait_for_steps(trace, 2, process)
     pid = worker_pid(process.pid, 1)
     done = len(read_jsonl(trace))

@@ -1,25 +1,26 @@
-"""Review items 12-14 for train/run.py: every flag and input file is checked at the start, in
-one line naming the flag (never a traceback, never after an epoch of training), checkpoints
-of another set-up are refused by name, and a full disk stops the run in one line with its
-last good checkpoint intact. Real runs on a tiny synthetic set; a file-size limit
-(RLIMIT_FSIZE) in a subprocess for the full disk, as tests/test_hardening.py does."""
+"""train/run.py refuses bad input before it trains: every flag, config value and input file is
+checked at the start, in one line naming the flag (never a traceback, never after an epoch
+of training); checkpoints of another set-up, or holding code, are refused by name; a full
+disk stops the run in one line with its last good checkpoint intact; temporaries of killed
+saves are cleaned up. Real runs on a tiny synthetic set; a file-size limit (RLIMIT_FSIZE) in
+a subprocess for the full disk."""
 import errno
 import json
+import logging
 import os
-import resource
 import shutil
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 
 import run
+import trainer
+from dali_relabel.files import atomic_path, check_output_path
 from dali_relabel.tools import make_synthetic_imagenet
+from script_runner import REPO, run_python, start_python
 
-RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train",
-                   "run.py")
+RUN = REPO / "train" / "run.py"
 
 
 @pytest.fixture(scope="module")
@@ -226,11 +227,7 @@ def test_full_disk_at_last_pt_stops_in_one_line_and_keeps_the_last_good_one(data
                        "--resume", "auto"], {"--val-data": None, "--real-labels": None})
     limit = len(good) // 2  # room for the metrics line, not for a checkpoint
 
-    def set_limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    result = subprocess.run([sys.executable, RUN, *argv], capture_output=True, text=True,
-                            timeout=300, preexec_fn=set_limit)
+    result = run_python(RUN, *argv, timeout=300, file_size_limit=limit)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "no space left" in line]
@@ -272,3 +269,125 @@ def test_full_disk_at_best_pt_keeps_last_pt_and_names_best_pt(data, tmp_path, mo
     monkeypatch.undo()
     record = run.main([*argv, "--resume", "auto"])  # the epoch ends as it would have
     assert record["steps"] == 8 and (out / "best.pt").exists()
+
+# Temporaries of killed saves are cleaned up.
+
+def dead_pid():
+    process = start_python(None, code="pass")
+    process.wait()
+    return process.pid
+
+
+def test_atomic_path_removes_stale_temporaries_only(tmp_path):
+    target = tmp_path / "last.pt"
+    stale = tmp_path / f"last.pt.tmp-{dead_pid()}"
+    live = tmp_path / f"last.pt.tmp-{os.getppid()}"
+    other = tmp_path / f"best.pt.tmp-{dead_pid()}"
+    for path in (stale, live, other):
+        path.write_bytes(b"half")
+    trainer.save_atomic({"step": 3}, str(target))
+    assert not stale.exists() and live.exists() and other.exists()
+    assert torch.load(target, weights_only=True) == {"step": 3}
+    with pytest.raises(RuntimeError), atomic_path(str(target)) as tmp:
+        open(tmp, "wb").close()
+        raise RuntimeError("failed write")
+    assert sorted(os.listdir(tmp_path)) == sorted(["last.pt", live.name, other.name])
+
+
+# Safe resume; a finished run says so.
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_holding_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "last.pt"
+    torch.save({"model": RunsCode(marker), "epoch": 1}, evil)
+    for option in ("--resume", "--checkpoint"):
+        with pytest.raises(SystemExit) as error:
+            trainer.load_checkpoint(str(evil), option=option)
+        message = str(error.value)
+        assert message.startswith(f"{option} {evil}: refusing to load it") and "\n" not in message
+    assert not marker.exists()
+    (tmp_path / "cut.pt").write_bytes(evil.read_bytes()[:50])
+    with pytest.raises(SystemExit, match="cannot read the checkpoint"):
+        trainer.load_checkpoint(str(tmp_path / "cut.pt"), option="--resume")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    dataset = make_synthetic_imagenet(tmp_path_factory.mktemp("synthetic"), num_classes=2,
+                                      train_per_class=8, val_per_class=2, topk=2,
+                                      image_size=(32, 40), progress=False)
+    return ["--data", dataset.train_root, "--labelmaps", dataset.labelmaps, "--model",
+            "resnet10t", "--image-size", "32", "--batch-size", "8", "--threads", "1",
+            "--epochs", "1"]
+
+
+def test_resume_auto_of_a_finished_run_says_it_is_complete(tiny_run, tmp_path, caplog):
+    out = tmp_path / "run"
+    run.main([*tiny_run, "--output", str(out)])
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert run.main([*tiny_run, "--output", str(out), "--resume", "auto"]) == {}
+    assert "Run complete: all 1 epochs done, nothing to resume" in caplog.text
+    assert "SIGTERM" not in caplog.text
+    marker = tmp_path / "pwned"
+    torch.save({"model": RunsCode(marker)}, out / "last.pt")
+    with pytest.raises(SystemExit, match=f"--resume {out / 'last.pt'}: refusing to load it"):
+        run.main([*tiny_run, "--output", str(out), "--resume", "auto"])
+    assert not marker.exists()
+
+
+# Output paths are checked before the work (the tools' cases: test_cli.py).
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    existing_file = tmp_path / "file.txt"
+    existing_file.write_text("x")
+    for argv, message in [
+        (["--output", existing_file], "--output: "),
+        (["--output", ""], "--output: expected a folder path"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            run.parse_args([str(arg) for arg in argv])
+    assert check_output_path(tmp_path / "new" / "run", argument="--output", directory=True)
+
+
+# Config values are flags.
+
+CONFIGS = [
+    pytest.param("epochs: 1.5\n", "line 1: epochs: invalid int value 1.5", id="float-epochs"),
+    pytest.param("model: resnet18\nepochs: ten\n", "line 2: epochs: invalid int value 'ten'",
+                 id="word-epochs"),
+    pytest.param("epochs: [1, 2\n", "not valid YAML", id="yaml-syntax-error"),
+    pytest.param("- epochs\n- 3\n", "expected a mapping", id="not-a-mapping"),
+    pytest.param("model: resnet18\nmodle: resnet50\n", "line 2: modle: unknown key",
+                 id="unknown-key"),
+    pytest.param("label_mode: fancy\n", "label_mode: 'fancy' is not one of",
+                 id="bad-choice"),
+    pytest.param("amp: 1\n", "amp: expected true or false", id="switch-not-bool"),
+    pytest.param("lr: [0.1]\n", "lr: expected a single float value", id="list-value"),
+]
+
+
+@pytest.mark.parametrize("text, message", CONFIGS)
+def test_config_values_are_checked_like_flags(tmp_path, text, message):
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as error:
+        run.parse_args(["--config", str(config)])
+    assert str(error.value).startswith(f"--config {config}") and "\n" not in str(error.value)
+    assert message in str(error.value)
+
+
+def test_config_values_are_converted_like_flags(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("epochs: 2\nlr: 1e-3\namp: true\nbatch_size: '16'\n")
+    args = run.parse_args(["--config", str(config), "--batch-size", "8"])
+    assert (args.epochs, args.lr, args.amp, args.batch_size) == (2, 1e-3, True, 8)
+    with pytest.raises(SystemExit, match="cannot read it"):
+        run.parse_args(["--config", str(tmp_path / "none.yaml")])

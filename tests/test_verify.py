@@ -1,7 +1,5 @@
 """`dali-relabel verify` and what happens when a bad file reaches the decoder anyway."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from dali_relabel import ReLabelLoader
 from dali_relabel.images.path_lists import read_path_list, write_bad_list
 from dali_relabel.images.verify import verify_images
 from jpeg_data import textured_image
+from script_runner import run_python
 
 GOOD = 9
 
@@ -66,13 +65,13 @@ def test_verify_whole_tree_as_a_command(damaged_dataset, tmp_path):
     root, _ = damaged_dataset
     os.remove(root / "n01" / "empty.JPEG")
     out = tmp_path / "tree_bad.txt"
-    result = subprocess.run([sys.executable, "-m", "dali_relabel.cli", "verify", str(root),
-                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    result = run_python("dali_relabel.cli", "verify", root, "--out", out, module=True,
+                        timeout=120)
     assert result.returncode == 1, result.stderr
     assert read_path_list(out) == ["n01/truncated.JPEG"]
     os.remove(root / "n01" / "truncated.JPEG")
-    result = subprocess.run([sys.executable, "-m", "dali_relabel.cli", "verify", str(root),
-                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    result = run_python("dali_relabel.cli", "verify", root, "--out", out, module=True,
+                        timeout=120)
     assert result.returncode == 0 and read_path_list(out) == []
     assert f"verified {GOOD} images" in result.stdout
 
