@@ -1,6 +1,7 @@
 """ReLabelLoader and ValLoader on real JPEGs through real CPU DALI pipelines."""
 import gc
 import os
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from labelmap_data import make_label_maps
 from dali_relabel import LabelMapStore, reference_label_pooling
 from dali_relabel import LABEL_MODES, ReLabelLoader, ValLoader
 from jpeg_data import NUM_CLASSES, NUM_IMAGES, RAW, pil_crop, textured_image
+from script_runner import run_code
 
 
 def collect(loader, epochs=1):
@@ -232,6 +234,43 @@ def test_an_epoch_left_in_its_last_batches_with_its_iterator_alive(dataset):
     del early
     gc.collect()
     assert loader._decoder.ahead(2) is not None
+
+
+def test_the_next_epoch_is_built_ahead_and_decodes_after_the_last_batch(dataset, monkeypatch):
+    """Planned and built while the loop takes this epoch's last batches, the next epoch's
+    pipeline decodes nothing until the last batch is handed out: the two epochs' decoding
+    never compete for the CPU threads."""
+    root, store_path = dataset
+    loader = ReLabelLoader(root, store_path, 8, device="cpu", image_size=16, seed=5,
+                           num_threads=1)
+    decoder, events = loader._decoder, []
+    build, iterate = decoder._build, decoder._iterate
+    monkeypatch.setattr(decoder, "_build", lambda *a: (events.append("build"), build(*a))[1])
+    monkeypatch.setattr(decoder, "_iterate",
+                        lambda *a: (events.append("decode"), iterate(*a))[1])
+    batches = iter(loader)
+    for _ in range(len(loader) - 1):
+        next(batches)
+    deadline = time.monotonic() + 60
+    while events.count("build") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # room for a start that would not wait
+    assert events == ["build", "decode", "build"]  # epoch 0 running; epoch 1 built only
+    next(batches)  # the last batch
+    assert loader._decoder.ahead(1) is not None and events.count("decode") == 2
+
+
+def test_an_iterator_left_before_the_next_epoch_decodes_does_not_hold_up_exit(dataset):
+    """The background start waits for this epoch's last batch; an iterator abandoned before
+    it, alive at exit, does not keep the interpreter from exiting."""
+    root, store_path = dataset
+    result = run_code(
+        "import sys\nfrom dali_relabel import ReLabelLoader\n"
+        "loader = ReLabelLoader(sys.argv[1], sys.argv[2], 8, device='cpu', image_size=16, "
+        "num_threads=1)\nbatches = iter(loader)\n"
+        "for _ in range(len(loader) - 1):\n    next(batches)\nprint('left')\n",
+        root, store_path, timeout=120)
+    assert result.returncode == 0 and "left" in result.stdout, result.stderr[-2000:]
 
 
 def test_a_bad_image_of_the_next_epoch_is_named_by_that_epoch(dataset, tmp_path):

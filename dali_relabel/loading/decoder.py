@@ -3,9 +3,10 @@
 ``PlannedDecoder`` builds each epoch's pipeline with the epoch's files, in plan order, in a
 DALI file reader, which reads them ahead in its own thread, and the planned windows, flips,
 rows and augmentation parameters in an external source. Epochs follow one another without a
-pause: a few batches before an epoch ends, a background thread plans the next epoch, builds
-its pipeline and lets it decode its first batches, so the training loop neither builds nor
-waits at the boundary. An epoch other than the next (``set_epoch`` elsewhere, a resumed
+pause: a few batches before an epoch ends, a background thread plans the next epoch and
+builds its pipeline, and once the last batch is handed out (this epoch's decoding done) lets
+it decode its first batches, so the training loop neither builds nor waits at the boundary
+and the two epochs' decoding never compete for the CPU threads. An epoch other than the next (``set_epoch`` elsewhere, a resumed
 position, an epoch left early) starts from a new pipeline. Until one whole epoch (not a
 resumed one) has run to its end, the graph also reports every image's size, checked against
 the plan's; later pipelines leave out that operator and output, which cost throughput. When
@@ -85,6 +86,51 @@ class _PlanFeed:
                      for array in self._graph_arrays(self._plan.augment[samples]))
 
 
+class _Upcoming:
+    """The next epoch's background start, in two jobs on the one background thread: plan and
+    build at once; decode (start the pipeline) once released. Nothing ever waits for a
+    release, so an epoch that is never released costs a built pipeline, not a thread."""
+
+    def __init__(self, epoch: int, executor: concurrent.futures.Executor,
+                 build: Callable[[], tuple[EpochPlan, Any]],
+                 start: Callable[..., DALIGenericIterator]) -> None:
+        self.epoch = epoch
+        self._executor = executor
+        self._built = executor.submit(self._guarded, build)
+        self._start = start
+        self._started: Optional[concurrent.futures.Future] = None
+        self._cancelled = False
+
+    def _guarded(self, job: Callable[[], Any]) -> Any:
+        try:
+            return job()
+        except Exception as error:  # noqa: BLE001 (the epoch starts anew and reports it)
+            logger.debug("epoch %d could not start ahead: %s", self.epoch, error)
+            return None
+
+    def _decode(self) -> Optional[tuple[EpochPlan, DALIGenericIterator]]:
+        built = self._built.result()  # done: the one background thread ran it first
+        if built is None or self._cancelled:
+            return None
+        plan, pipeline = built
+        started = self._guarded(lambda: self._start(*pipeline))
+        return None if started is None else (plan, started)
+
+    def release(self) -> None:
+        """Lets the built pipeline start decoding."""
+        if self._started is None:
+            self._started = self._executor.submit(self._decode)
+
+    def cancel(self) -> None:
+        """Not to be decoded: a release after this starts nothing."""
+        self._cancelled = True
+
+    def result(self) -> Optional[tuple[EpochPlan, DALIGenericIterator]]:
+        """(plan, started pipeline), or None; a start not released yet is released."""
+        self.release()
+        return self._started.result()
+
+
 class PlannedDecoder:
     """Decodes epoch plans, one DALI pipeline per epoch, the next started ahead.
 
@@ -113,8 +159,8 @@ class PlannedDecoder:
         self._prefetch = pipeline_args.get("prefetch_queue_depth", 2)
         augment = pipeline_args.get("augment")
         self._graph_arrays = augment.graph_arrays if augment is not None else None
-        # The next epoch: its number and the background start of its plan and pipeline.
-        self._upcoming: Optional[tuple[int, concurrent.futures.Future]] = None
+        # The next epoch, planned and built in the background, decoding once released.
+        self._upcoming: Optional[_Upcoming] = None
         self._starter = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="dali-relabel-next-epoch")
 
@@ -126,13 +172,17 @@ class PlannedDecoder:
     def ahead(self, epoch: int) -> Optional[EpochPlan]:
         """Epoch `epoch` whole, planned, if its pipeline has started (waits for the start
         if the background thread is still at it)."""
-        if self._upcoming is None or self._upcoming[0] != epoch:
+        if self._upcoming is None or self._upcoming.epoch != epoch:
             return None
-        started = self._upcoming[1].result()
+        started = self._upcoming.result()
         return None if started is None else started[0]
 
     def _open(self, plan: EpochPlan, check_sizes: bool) -> DALIGenericIterator:
         """Builds and starts the pipeline of `plan` (its first batches get decoded)."""
+        return self._iterate(*self._build(plan, check_sizes))
+
+    def _build(self, plan: EpochPlan, check_sizes: bool) -> tuple[Any, list[str]]:
+        """The built pipeline of `plan` and its outputs' names; nothing decoded yet."""
         feed = _PlanFeed(plan, self._graph_arrays)
         root = self._image_root
         files = [os.path.join(root, self._paths[row]) for row in plan.rows[::plan.num_crops]]
@@ -143,7 +193,11 @@ class PlannedDecoder:
             augment_source=feed.graph_batch if self._graph_arrays is not None else None,
             **self._pipeline_args)
         pipe.build()
-        outputs = ["images", "rows"] + (["sizes"] if check_sizes else [])
+        return pipe, ["images", "rows"] + (["sizes"] if check_sizes else [])
+
+    @staticmethod
+    def _iterate(pipe: Any, outputs: list[str]) -> DALIGenericIterator:
+        """Starts `pipe`: its first batches get decoded."""
         # The feed ends the epoch (StopIteration), so the pipeline decodes nothing past it.
         return DALIGenericIterator([pipe], outputs, auto_reset=False,
                                    last_batch_policy=LastBatchPolicy.PARTIAL,
@@ -154,7 +208,9 @@ class PlannedDecoder:
         upcoming, self._upcoming = self._upcoming, None
         if upcoming is None:
             return None
-        started = upcoming[1].result()  # an abandoned start finishes before the next one
+        if upcoming.epoch != plan.epoch:
+            upcoming.cancel()
+        started = upcoming.result()  # an abandoned start finishes before the next one
         if started is not None and started[0] is plan:
             return started[1]
         return None
@@ -183,6 +239,8 @@ class PlannedDecoder:
                 batches += 1
                 if started is None and len(plan) - batches <= self._prefetch:
                     started = self._start_following(plan)
+                if batches == len(plan) and started is not None:
+                    started.release()  # this epoch's decoding is done: the next one's begins
                 images = out["images"]
                 if crops > 1:  # [images, crops, ...]: crops of an image side by side
                     images = images.reshape(-1, *images.shape[2:])
@@ -190,28 +248,27 @@ class PlannedDecoder:
         except RuntimeError as error:
             raise RuntimeError(self._diagnose(plan, batches, error)) from error
         finally:
-            if batches < len(plan) and started is not None and self._upcoming is started:
-                self._upcoming = None  # left early or failed: the next epoch starts anew
+            if batches < len(plan) and started is not None:
+                started.cancel()  # left early or failed: the next epoch starts anew
+                if self._upcoming is started:
+                    self._upcoming = None
 
-    def _start_following(self, plan: EpochPlan) -> tuple[int, concurrent.futures.Future]:
-        """Starts, on the background thread, planning the epoch after `plan` and building
-        and starting its pipeline, while this one decodes its last batches. It leaves out the
-        size check if this whole epoch completes it.
+    def _start_following(self, plan: EpochPlan) -> _Upcoming:
+        """Starts, on the background thread, planning the epoch after `plan` and building its
+        pipeline, while this one decodes its last batches; the pipeline starts decoding when
+        released (this epoch's last batch handed out). It leaves out the size check if this
+        whole epoch completes it.
 
         A failure there belongs to the next epoch: that epoch then starts anew and reports
         it, naming the files.
         """
         epoch, check = plan.epoch + 1, self._check_sizes and bool(plan.skipped)
 
-        def start() -> Optional[tuple[EpochPlan, DALIGenericIterator]]:
-            try:
-                following = self._planner.plan(epoch)
-                return following, self._open(following, check)
-            except Exception as error:  # noqa: BLE001 (the epoch starts anew and reports it)
-                logger.debug("epoch %d could not start ahead: %s", epoch, error)
-                return None
+        def build() -> tuple[EpochPlan, Any]:
+            following = self._planner.plan(epoch)
+            return following, self._build(following, check)
 
-        self._upcoming = (epoch, self._starter.submit(start))
+        self._upcoming = _Upcoming(epoch, self._starter, build, self._iterate)
         return self._upcoming
 
     def _compare_sizes(self, decoded: np.ndarray, rows: np.ndarray) -> None:
