@@ -246,13 +246,15 @@ def compare(configs: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def verdict(comparison: Dict[str, Any]) -> str:
-    """Plain words for one paired comparison, from its 95% interval."""
+    """Plain words for one paired comparison, from its 95% interval (against the paper's
+    ordering where the paper reports one)."""
     low, high = comparison["ci95"]
+    paper = comparison.get("paper") is not None
     if low > 0:
-        return "reappears: ahead, the 95% interval above 0"
+        return ("reappears: " if paper else "") + "ahead, the 95% interval above 0"
     if high < 0:
-        return "reversed here: behind, the 95% interval below 0"
-    return "not shown: the 95% interval holds 0"
+        return ("reversed here: " if paper else "") + "behind, the 95% interval below 0"
+    return ("not shown: " if paper else "no difference shown: ") + "the 95% interval holds 0"
 
 
 def target_note(targets: Dict[str, float]) -> str:
@@ -335,7 +337,7 @@ def crops_note(comparison: Dict[str, Any], settings: Dict[str, Any]) -> str:
     return (f"\n{comparison['better']} against {comparison['worse']}, the same "
             f"{settings['epochs']} epochs of steps (an epoch takes a quarter of the images, "
             f"four crops each): top-1 {comparison['mean']:+.2f} ± {comparison['se']:.2f} pp "
-            f"({verdict(comparison).split(':')[0]}); training time (the steps' wall clock) "
+            f"({verdict(comparison)}); training time (the steps' wall clock) "
             f"{time['percent']:.0f}% of one crop's (95% interval {low:.0f}-{high:.0f}%).")
 
 

@@ -98,12 +98,17 @@ def test_paired_difference_matches_numpy():
     assert d["se"] == pytest.approx(se)
     assert d["ci95"] == pytest.approx([diffs.mean() - 3.182 * se, diffs.mean() + 3.182 * se])
     assert d["beyond_two_se"] is True
-    assert ablation.verdict(d).startswith("reappears")
+    assert ablation.verdict({**d, "paper": 1.4}).startswith("reappears: ahead")
     # A difference that changes sign across seeds is not beyond two standard errors.
     mixed = ablation.paired_difference([1.0, 3.0, 2.0], [2.0, 1.0, 2.5])
-    assert mixed["beyond_two_se"] is False and ablation.verdict(mixed).startswith("not shown")
+    assert mixed["beyond_two_se"] is False
+    assert ablation.verdict({**mixed, "paper": 1.4}).startswith("not shown")
     behind = ablation.paired_difference(worse, better)
-    assert ablation.verdict(behind).startswith("reversed")
+    assert ablation.verdict({**behind, "paper": 1.4}).startswith("reversed here: behind")
+    # Without a paper figure there is no ordering to reappear or reverse: only the sign.
+    assert ablation.verdict(d).startswith("ahead")
+    assert ablation.verdict(behind).startswith("behind")
+    assert ablation.verdict(mixed).startswith("no difference shown")
     with pytest.raises(ValueError, match="better, worse: expected one value per seed"):
         ablation.paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
 
