@@ -178,6 +178,8 @@ def odd_images(tmp_path):
 GIF_REFUSED = "a GIF image (by its content), which the loaders' decoder does not decode"
 
 
+# show draws a 1 x 1 image too, without a collapsed layout (matplotlib warns of it)
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_every_tool_applies_the_same_rule(odd_images, tmp_path, capsys):
     root, store = odd_images
     # The loaders' decoder (DALI 2.4, as verify runs it) refuses the GIF and decodes 1 x 1.

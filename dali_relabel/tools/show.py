@@ -233,8 +233,10 @@ def _draw(shown: ShownLabelMap, image: Image.Image, crops: np.ndarray, names: li
         color = _COLORS[i % len(_COLORS)]
         ax.add_patch(Rectangle((x1 * width, y1 * height), (x2 - x1) * width,
                                (y2 - y1) * height, fill=False, edgecolor=color, linewidth=2.5))
-        ax.text(x1 * width + 3, y1 * height + 3, str(i + 1), color="white", fontsize=10,
-                fontweight="bold", va="top", bbox=dict(facecolor=color, pad=1.5, lw=0))
+        # Offset in points, not pixels: a few pixels of a tiny image span the whole figure.
+        ax.annotate(str(i + 1), (x1 * width, y1 * height), xytext=(3, -3),
+                    textcoords="offset points", color="white", fontsize=10, fontweight="bold",
+                    va="top", bbox=dict(facecolor=color, pad=1.5, lw=0))
     ax.set_axis_off()
 
     for slot, (cls, heat) in enumerate(zip(shown.heatmap_classes, shown.heatmaps)):
