@@ -187,7 +187,7 @@ class ReLabelLoader:
             two per crop: timm's default --train-interpolation); antialiased.
         label_mode: One of LABEL_MODES, the rows of the paper's factor analysis.
         output_size: S; S > 1 gives token targets [B, S*S, C], mirrored with the image.
-        sparse_targets: Yield SparseTargets (docs/training.md#token-targets).
+        sparse_targets: Yield SparseTargets (docs/design.md#token-targets).
         crop_targets: With output_size > 1, also each crop's S = 1 target
             (ReLabelBatch.crop_targets; needs return_meta).
         num_crops: Crops per decoded image, each with its own window, flip, draws and
