@@ -1,6 +1,8 @@
 """Test utilities for the loaders: a small ImageFolder of real JPEGs with a label-map store,
-and torchvision's way (PIL) of cropping them, to compare the loaders' pixels against."""
+torchvision's way (PIL) of cropping them, to compare the loaders' pixels against, and copies
+of the set to spoil files in."""
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -55,3 +57,21 @@ def pil_crop(path: str, box, size: int, flip: bool, orient: bool = False,
     if flip:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(crop, dtype=np.float32)
+
+
+def linked_copy(root: str, paths, folder):
+    """`folder` with a link to each of the images, to spoil some without touching them."""
+    for path in paths:
+        os.makedirs(folder / os.path.dirname(path), exist_ok=True)
+        os.symlink(os.path.join(root, path), folder / path)
+    return folder
+
+
+def indexed_copy(dataset, tmp_path) -> str:
+    """A copy of the dataset's store with /sizes, made as a user would: `dali-relabel index`."""
+    from dali_relabel.cli import main
+    root, store_path = dataset
+    indexed = tmp_path / "indexed.h5"
+    shutil.copy(store_path, indexed)
+    assert main(["index", str(indexed), "--images", root]) == 0
+    return str(indexed)

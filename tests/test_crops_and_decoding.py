@@ -10,7 +10,8 @@ from torch.testing import assert_close
 
 from dali_relabel import ReLabelLoader, label_pooling
 from dali_relabel.loading.decode_choice import choose_decode, probe_roi_decode, run_isolated
-from jpeg_data import NUM_IMAGES, RAW, pil_crop
+from dali_relabel.labelmaps import LabelMapStore
+from jpeg_data import NUM_IMAGES, RAW, indexed_copy, linked_copy, pil_crop
 
 
 def collect(loader, epochs=1):
@@ -130,6 +131,32 @@ def test_resume_mid_epoch_with_four_crops_yields_exactly_the_rest(dataset):
             assert torch.equal(getattr(want, name), getattr(got, name)), name
     with pytest.raises(ValueError, match="num_crops: saved 4, now 2"):
         ReLabelLoader(root, store_path, 8, **{**kwargs, "num_crops": 2}).load_state_dict(state)
+
+
+def test_a_run_decodes_n_batches_and_a_bad_image_in_a_later_run_is_named(dataset, tmp_path):
+    """With N crops one pipeline run decodes the images of N batches (every operator over B
+    images, not B/N); a file that fails in a later run is named after the batches of the runs
+    before it, and a short last run gives its batches only."""
+    root, _ = dataset
+    indexed = indexed_copy(dataset, tmp_path)
+    paths = LabelMapStore.open(indexed).paths
+    kwargs = dict(device="cpu", image_size=16, num_crops=2, num_threads=1, seed=3,
+                  return_meta=True, **RAW)
+    good = collect(ReLabelLoader(root, indexed, 4, **kwargs))
+    assert len(good) == 7  # 28 samples: runs of batches 0-1, 2-3, 4-5 and 6 alone
+    assert_crops_match_pil(ReLabelLoader(root, indexed, 4, **kwargs), good, root, 16)
+    bad = int(good[5].sample_index[2])  # decoded in the third run only
+    assert all(bad not in batch.sample_index for i, batch in enumerate(good) if i != 5)
+    broken = linked_copy(root, paths, tmp_path / "broken")
+    os.remove(broken / paths[bad])
+    (broken / paths[bad]).write_text("not an image\n")
+    got = []
+    with pytest.raises(RuntimeError, match=rf"1 image\(s\) failed to decode: {paths[bad]}"):
+        for batch in ReLabelLoader(broken, indexed, 4, **kwargs):
+            got.append(batch)
+    assert len(got) <= 4
+    for want, batch in zip(good, got):
+        assert torch.equal(want.images, batch.images)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -13,7 +13,8 @@ import dali_relabel
 from labelmap_data import make_label_maps
 from dali_relabel import LabelMapStore, reference_label_pooling
 from dali_relabel import LABEL_MODES, ReLabelLoader, ValLoader
-from jpeg_data import NUM_CLASSES, NUM_IMAGES, RAW, pil_crop, textured_image
+from jpeg_data import (NUM_CLASSES, NUM_IMAGES, RAW, indexed_copy, linked_copy, pil_crop,
+                       textured_image)
 from script_runner import run_code
 
 
@@ -576,26 +577,6 @@ def test_val_loader_matches_pil_and_covers_shards(dataset):
         labels.append(shard_labels)
         assert len(list(val)) == 4  # iterable again for the next evaluation
     assert sorted(torch.cat(labels).tolist()) == sorted(i % 3 for i in range(NUM_IMAGES))
-
-
-def linked_copy(root: str, paths, folder):
-    """`folder` with a link to each of the images, to spoil some without touching them."""
-    for path in paths:
-        os.makedirs(folder / os.path.dirname(path), exist_ok=True)
-        os.symlink(os.path.join(root, path), folder / path)
-    return folder
-
-
-def indexed_copy(dataset, tmp_path) -> str:
-    """A copy of the dataset's store with /sizes, made as a user would: `dali-relabel index`."""
-    import shutil
-
-    from dali_relabel.cli import main
-    root, store_path = dataset
-    indexed = tmp_path / "indexed.h5"
-    shutil.copy(store_path, indexed)
-    assert main(["index", str(indexed), "--images", root]) == 0
-    return str(indexed)
 
 
 def test_sizes_from_the_store_or_the_headers_give_the_same_epoch(dataset, tmp_path, caplog):

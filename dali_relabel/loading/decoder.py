@@ -2,12 +2,14 @@
 
 ``PlannedDecoder`` builds each epoch's pipeline with the epoch's files, in plan order, in a
 DALI file reader, which reads them ahead in its own thread, and the planned windows, flips,
-rows and augmentation parameters in an external source. Epochs follow one another without a
-pause: a few batches before an epoch ends, a background thread plans the next epoch and
-builds its pipeline, and once the last batch is handed out (this epoch's decoding done) lets
-it decode its first batches, so the training loop neither builds nor waits at the boundary
-and the two epochs' decoding never compete for the CPU threads. An epoch other than the next (``set_epoch`` elsewhere, a resumed
-position, an epoch left early) starts from a new pipeline. Until one whole epoch (not a
+rows and augmentation parameters in an external source. A pipeline run decodes one batch, or
+with num_crops N the images of N batches. Epochs follow one another without a pause: a few
+batches before an epoch ends, a background thread plans the next epoch and builds its
+pipeline, and once the last batch is handed out (this epoch's decoding done) lets it decode
+its first batches, so the training loop neither builds nor waits at the boundary and the two
+epochs' decoding never compete for the CPU threads. An epoch other than the next
+(``set_epoch`` elsewhere, a resumed position, an epoch left early) starts from a new
+pipeline. Until one whole epoch (not a
 resumed one) has run to its end, the graph also reports every image's size, checked against
 the plan's; later pipelines leave out that operator and output, which cost throughput. When
 DALI fails, it knows which files the batches in flight hold, finds the culprits and names
@@ -41,12 +43,27 @@ class PlanMismatchError(ValueError):
     """An image's size on disk is not the size its crop window was planned for."""
 
 
+def batches_per_run(plan: EpochPlan) -> int:
+    """The plan's batches one pipeline run decodes: with num_crops N, N batches of B/N
+    images each, so that every operator of the graph runs over B images, not B/N (small
+    batches cost DALI's CPU operators more per image than the decodes the crops save)."""
+    return plan.num_crops
+
+
+def run_samples(plan: EpochPlan, run: int) -> slice:
+    """The plan's samples that pipeline run `run` decodes."""
+    first = run * batches_per_run(plan)
+    last = min(first + batches_per_run(plan), len(plan)) - 1
+    return slice(plan.batch(first).start, plan.batch(last).stop)
+
+
 class _PlanFeed:
-    """An epoch pipeline's external sources: batch i of the plan, StopIteration at its end.
+    """An epoch pipeline's external sources: run i of the plan (``batches_per_run`` of its
+    batches), StopIteration at its end.
 
     The graph takes one entry per decoded image (with num_crops N, the N crops of an image
-    along a second axis). A short last batch (drop_last=False) is padded with its last image
-    to a whole batch, as the file reader pads it; the decoder drops the padding.
+    along a second axis). A short last run is padded with its last image to a whole run, as
+    the file reader pads it; the decoder drops the padding.
     """
 
     def __init__(self, plan: EpochPlan, graph_arrays: Optional[Callable]) -> None:
@@ -54,12 +71,13 @@ class _PlanFeed:
         self._graph_arrays = graph_arrays
 
     def _samples(self, iteration: int) -> np.ndarray:
-        """The plan's samples of batch `iteration`, padded, as [images, crops]."""
+        """The plan's samples of run `iteration`, padded, as [images, crops]."""
         plan = self._plan
-        if iteration >= len(plan):
+        if iteration * batches_per_run(plan) >= len(plan):
             raise StopIteration
-        samples = plan.batch(iteration)
-        index = np.arange(samples.start, samples.start + plan.batch_size)
+        samples = run_samples(plan, iteration)
+        index = np.arange(samples.start,
+                          samples.start + plan.batch_size * batches_per_run(plan))
         index = np.minimum(index, samples.stop - 1)
         return index.reshape(-1, plan.num_crops)
 
@@ -68,7 +86,7 @@ class _PlanFeed:
         return np.ascontiguousarray(array[:, 0] if self._plan.num_crops == 1 else array)
 
     def plan_batch(self, iteration: int) -> tuple[np.ndarray, ...]:
-        """Anchors (y, x), shapes (h, w), flips and rows of batch `iteration` (and the
+        """Anchors (y, x), shapes (h, w), flips and rows of run `iteration` (and the
         vertical flips, when the plan has them)."""
         samples = self._samples(iteration)
         windows = self._plan.windows[samples]
@@ -80,7 +98,7 @@ class _PlanFeed:
         return planned
 
     def graph_batch(self, iteration: int) -> tuple[np.ndarray, ...]:
-        """The planned augmentation parameters the graph takes, for batch `iteration`."""
+        """The planned augmentation parameters the graph takes, for run `iteration`."""
         samples = self._samples(iteration)
         return tuple(self._per_image(array)
                      for array in self._graph_arrays(self._plan.augment[samples]))
@@ -189,7 +207,7 @@ class PlannedDecoder:
         pipe = train_pipeline(
             files, feed.plan_batch, check_sizes=check_sizes, num_crops=plan.num_crops,
             vflip=plan.vflips is not None,
-            batch_size=plan.batch_size // plan.num_crops,
+            batch_size=plan.batch_size // plan.num_crops * batches_per_run(plan),
             augment_source=feed.graph_batch if self._graph_arrays is not None else None,
             **self._pipeline_args)
         pipe.build()
@@ -219,32 +237,36 @@ class PlannedDecoder:
         """Yields (images as DALI made them, the plan's samples of that batch) for every
         batch of `plan`."""
         crops = plan.num_crops
-        batches, started = 0, None
+        batches, started, runs = 0, None, 0
         try:
             iterator = self._take_upcoming(plan)
             if iterator is None:
                 iterator = self._open(plan, self._check_sizes)
             while batches < len(plan):
                 out = next(iterator)[0]
-                samples = plan.batch(batches)
-                count = samples.stop - samples.start  # without the padding of a short batch
+                decoded = run_samples(plan, runs)
+                runs += 1
+                count = decoded.stop - decoded.start  # without the padding of a short run
                 rows = out["rows"].view(-1).numpy()[:count // crops]
-                assert np.array_equal(rows, plan.rows[samples][::crops]), "DALI left the plan"
+                assert np.array_equal(rows, plan.rows[decoded][::crops]), "DALI left the plan"
                 if self._check_sizes:
                     self._compare_sizes(out["sizes"][:count // crops, :2].numpy(), rows)
-                    if batches + 1 == len(plan) and not plan.skipped:
+                    if decoded.stop == plan.num_samples and not plan.skipped:
                         # A whole epoch decoded at the planned sizes: the files are the
                         # ones /sizes describes. The next pipeline leaves out the check.
                         self._check_sizes = False
-                batches += 1
-                if started is None and len(plan) - batches <= self._prefetch:
-                    started = self._start_following(plan)
-                if batches == len(plan) and started is not None:
-                    started.release()  # this epoch's decoding is done: the next one's begins
                 images = out["images"]
                 if crops > 1:  # [images, crops, ...]: crops of an image side by side
                     images = images.reshape(-1, *images.shape[2:])
-                yield images[:count], samples
+                while batches < len(plan) and plan.batch(batches).start < decoded.stop:
+                    samples = plan.batch(batches)
+                    batches += 1
+                    if started is None and len(plan) - batches <= self._prefetch:
+                        started = self._start_following(plan)
+                    if batches == len(plan) and started is not None:
+                        started.release()  # this epoch's decoding is done: the next begins
+                    yield (images[samples.start - decoded.start:samples.stop - decoded.start],
+                           samples)
         except RuntimeError as error:
             raise RuntimeError(self._diagnose(plan, batches, error)) from error
         finally:
@@ -286,10 +308,11 @@ class PlannedDecoder:
                 "record their sizes (the label maps stay valid: boxes are relative).")
 
     def _diagnose(self, plan: EpochPlan, batches: int, error: RuntimeError) -> str:
-        """Why DALI failed, naming files: the batches in flight are the one asked for and up
+        """Why DALI failed, naming files: the runs in flight are the one asked for and up
         to `prefetch` more."""
-        first = batches * plan.batch_size
-        rows = np.unique(plan.rows[first:first + (self._prefetch + 2) * plan.batch_size])
+        first = plan.batch(min(batches, len(plan) - 1)).start
+        in_flight = (self._prefetch + 2) * plan.batch_size * batches_per_run(plan)
+        rows = np.unique(plan.rows[first:first + in_flight])
         paths = [self._paths[row] for row in rows]
         from dali_relabel.images.verify import verify_images  # DALI decoding, only on failure
 
