@@ -8,12 +8,11 @@ batches before an epoch ends, a background thread plans the next epoch and build
 pipeline, and once the last batch is handed out (this epoch's decoding done) lets it decode
 its first batches, so the training loop neither builds nor waits at the boundary and the two
 epochs' decoding never compete for the CPU threads. An epoch other than the next
-(``set_epoch`` elsewhere, a resumed position, an epoch left early) starts from a new
-pipeline. Until one whole epoch (not a
-resumed one) has run to its end, the graph also reports every image's size, checked against
-the plan's; later pipelines leave out that operator and output, which cost throughput. When
-DALI fails, it knows which files the batches in flight hold, finds the culprits and names
-them.
+(``set_epoch`` elsewhere, a resumed position, an epoch left early) starts from a new pipeline.
+Until one whole epoch (not a resumed one) has run to its end, the graph also reports every
+image's size, checked against the plan's; later pipelines leave out that operator and output,
+which cost throughput. When DALI fails, it knows which files the batches in flight hold, finds
+the culprits and names them.
 """
 from __future__ import annotations
 
