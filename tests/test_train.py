@@ -182,6 +182,17 @@ def test_device_cuda_without_cuda_names_the_option(tiny, tmp_path):
         run.main([*tiny, "--device", "cuda", "--output", str(tmp_path / "cuda")])
 
 
+def test_a_run_stopped_by_a_non_finite_loss_leaves_no_progress_bar_open(tiny, tmp_path):
+    """The epoch's bar is closed when the run stops mid-epoch, so the message is the last
+    thing it prints: a bar left open would be drawn again when the interpreter exits."""
+    result = run_python(RUN, *tiny, "--epochs", "1", "--output", tmp_path / "nan",
+                        "--lr", "1e30", "--opt", "sgd")
+    assert result.returncode == 1, result.stderr
+    tail = result.stderr[result.stderr.rindex("non-finite loss at step "):]
+    assert "epoch 0:" not in tail and "it/s" not in tail, tail
+    assert "epoch 0:" in result.stderr  # the bar was drawn, before the message
+
+
 def test_non_finite_loss_stops_with_the_documented_message(tiny, tmp_path):
     with pytest.raises(SystemExit) as info:
         run.main([*tiny, "--epochs", "2", "--output", str(tmp_path / "nan"),

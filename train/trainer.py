@@ -584,40 +584,42 @@ class Trainer:
         done_before = train.state_dict()["batches_done"]
         if done_before == 0:
             self.meter = meter = EpochMeter(self.dist.device)
-        bar = tqdm(total=steps, initial=done_before, desc=f"epoch {self.epoch}",
-                   disable=not (self.dist.main and args.progress), dynamic_ncols=True)
-        train.label_pooling_ms()
-        epoch_start = tick = time.perf_counter()
-        elapsed_before = meter.elapsed_s
-        for batch in train:
-            fetched = time.perf_counter()
-            meter.wait_s += fetched - tick
-            stop_vote = self.dist.start_vote(self.signalled)
-            self.train_step(batch, steps)
-            if args.trace_samples:
-                self.trace(batch)
-            tick = time.perf_counter()
-            meter.step_s += tick - fetched
-            meter.elapsed_s = elapsed_before + tick - epoch_start
-            bar.update(1)
-            # At the epoch's last step the end-of-epoch path evaluates and checkpoints (and
-            # fit() stops there on a SIGTERM).
-            mid_epoch = train.state_dict()["batches_done"] < steps
-            stop = stop_vote() and mid_epoch
-            checkpoint_now = args.ckpt_every and self.step % args.ckpt_every == 0 and mid_epoch
-            if (self.step % args.log_every == 0 and mid_epoch) or checkpoint_now or stop:
-                total_loss, total_samples = self.sync()
-                meter.pooling_s += train.label_pooling_ms() / 1e3
-                bar.set_postfix(loss=f"{total_loss / total_samples:.3f}",
-                                img_s=f"{total_samples / max(meter.elapsed_s, 1e-9):.0f}",
-                                pooling=f"{100 * meter.pooling_s / max(meter.elapsed_s, 1e-9):.2f}%")
-                if stop or checkpoint_now:
-                    self.checkpoint(self.last_path)
-                if stop:
-                    self.stop_agreed = True
-                    bar.close()
-                    return {}
-        bar.close()
+        # Closed however the epoch ends (a non-finite loss exits from sync), so that no
+        # stale bar is drawn again when the process exits.
+        with tqdm(total=steps, initial=done_before, desc=f"epoch {self.epoch}",
+                  disable=not (self.dist.main and args.progress), dynamic_ncols=True) as bar:
+            train.label_pooling_ms()
+            epoch_start = tick = time.perf_counter()
+            elapsed_before = meter.elapsed_s
+            for batch in train:
+                fetched = time.perf_counter()
+                meter.wait_s += fetched - tick
+                stop_vote = self.dist.start_vote(self.signalled)
+                self.train_step(batch, steps)
+                if args.trace_samples:
+                    self.trace(batch)
+                tick = time.perf_counter()
+                meter.step_s += tick - fetched
+                meter.elapsed_s = elapsed_before + tick - epoch_start
+                bar.update(1)
+                # At the epoch's last step the end-of-epoch path evaluates and checkpoints
+                # (and fit() stops there on a SIGTERM).
+                mid_epoch = train.state_dict()["batches_done"] < steps
+                stop = stop_vote() and mid_epoch
+                checkpoint_now = (args.ckpt_every and self.step % args.ckpt_every == 0
+                                  and mid_epoch)
+                if (self.step % args.log_every == 0 and mid_epoch) or checkpoint_now or stop:
+                    total_loss, total_samples = self.sync()
+                    meter.pooling_s += train.label_pooling_ms() / 1e3
+                    elapsed_s = max(meter.elapsed_s, 1e-9)
+                    bar.set_postfix(loss=f"{total_loss / total_samples:.3f}",
+                                    img_s=f"{total_samples / elapsed_s:.0f}",
+                                    pooling=f"{100 * meter.pooling_s / elapsed_s:.2f}%")
+                    if stop or checkpoint_now:
+                        self.checkpoint(self.last_path)
+                    if stop:
+                        self.stop_agreed = True
+                        return {}
         total_loss, total_samples = self.sync()
         meter.pooling_s += train.label_pooling_ms() / 1e3
         wait_s, step_s, pooling_s, elapsed = self.dist.all_sum(
